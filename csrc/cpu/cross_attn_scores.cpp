@@ -1,0 +1,118 @@
+// CPU kernel of cross_attn_scores: blockwise q.k^T with the BLAS matmul, then one fused pass
+// per tile (mask, softmax, accumulate into per-thread score rows). The logits tile stays in
+// cache and the [B, H, T, N] probabilities are never materialized.
+#include "../checks.h"
+#include "../ops.h"
+#include "vec_math.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace etc_ext {
+namespace {
+
+// Floats in one logits tile (4 MiB): large enough for an efficient matmul, small enough to
+// stay in the last-level cache between the matmul and the softmax pass.
+constexpr int64_t kTileFloats = int64_t{1} << 20;
+
+// Softmax of one logits row over its visible keys, accumulated into `acc` with weight
+// `row_weight`. Keys at index >= limit or with key_valid == 0 are invisible.
+inline void accumulate_row(float* logits, const float* key_valid, int64_t limit,
+                           float row_weight, float* acc) {
+  float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
+  for (int64_t n = 0; n < limit; ++n) {
+    const float v = key_valid[n] > 0.0f ? logits[n] : -std::numeric_limits<float>::infinity();
+    row_max = std::max(row_max, v);
+  }
+  if (row_max == -std::numeric_limits<float>::infinity()) return;  // sees no key
+  float row_sum = 0.0f;
+#pragma omp simd reduction(+ : row_sum)
+  for (int64_t n = 0; n < limit; ++n) {
+    const float e = exp_nonpositive(logits[n] - row_max) * key_valid[n];
+    logits[n] = e;
+    row_sum += e;
+  }
+  const float w = row_weight / row_sum;
+#pragma omp simd
+  for (int64_t n = 0; n < limit; ++n) acc[n] += logits[n] * w;
+}
+
+}  // namespace
+
+at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
+                                 const at::Tensor& k,  // [B, Hkv, N, D]
+                                 std::optional<double> scale,
+                                 const std::optional<at::Tensor>& q_mask,   // bool [B, T]
+                                 const std::optional<at::Tensor>& kv_mask,  // bool [B, N]
+                                 const std::optional<at::Tensor>& q_pos) {  // int64 [B, T]
+  check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos);
+  TORCH_INTERNAL_ASSERT(q.device().is_cpu());
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), keys = k.size(2);
+  const int64_t group = heads / kv_heads;
+  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(dim)));
+
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor key_valid = kv_mask.has_value() ? kv_mask->to(at::kFloat).contiguous()
+                                             : at::ones({batch, keys}, f32);
+  at::Tensor query_valid = q_mask.has_value() ? q_mask->to(at::kFloat).contiguous()
+                                              : at::ones({batch, queries}, f32);
+  // Number of keys visible to each query: keys [0, limit) pass the causal test.
+  at::Tensor limit = q_pos.has_value()
+                         ? (*q_pos + 1).clamp(0, keys).contiguous()
+                         : at::full({batch, queries}, keys, q.options().dtype(at::kLong));
+  at::Tensor count = query_valid.sum(1) * static_cast<double>(heads);  // [B]
+  at::Tensor row_weight = (1.0 / count.clamp_min(1.0)).contiguous();   // [B]
+
+  const int nthreads = at::get_num_threads();
+  at::Tensor acc = at::zeros({nthreads, batch, keys}, f32);
+  if (batch > 0 && keys > 0 && queries > 0 && heads > 0) {
+    // Queries grouped by the kv head they read and pre-scaled: [B * Hkv, g * T, D]. Row r of
+    // group (b, j) is query t = r % T of head j * g + r / T.
+    const at::Tensor q_groups = (q.to(at::kFloat) * softmax_scale).reshape({batch * kv_heads, group * queries, dim});
+    const at::Tensor k_groups = k.to(at::kFloat).reshape({batch * kv_heads, keys, dim});
+    const int64_t num_groups = batch * kv_heads, rows_per_group = group * queries;
+    const int64_t rows_per_tile = std::max<int64_t>(1, kTileFloats / keys);
+    const int64_t row_chunk = std::min(rows_per_group, rows_per_tile);
+    const int64_t groups_per_tile = std::max<int64_t>(1, rows_per_tile / rows_per_group);
+
+    const float* key_valid_ptr = key_valid.data_ptr<float>();
+    const float* query_valid_ptr = query_valid.data_ptr<float>();
+    const int64_t* limit_ptr = limit.data_ptr<int64_t>();
+    const float* row_weight_ptr = row_weight.data_ptr<float>();
+    float* acc_ptr = acc.data_ptr<float>();
+
+    for (int64_t g0 = 0; g0 < num_groups; g0 += groups_per_tile) {
+      const int64_t g1 = std::min(num_groups, g0 + groups_per_tile);
+      const at::Tensor k_tile = k_groups.slice(0, g0, g1).transpose(1, 2);  // [G, D, N]
+      for (int64_t r0 = 0; r0 < rows_per_group; r0 += row_chunk) {
+        const int64_t r1 = std::min(rows_per_group, r0 + row_chunk);
+        const int64_t tile_rows = r1 - r0;
+        at::Tensor logits = at::bmm(q_groups.slice(0, g0, g1).slice(1, r0, r1), k_tile);  // [G, R, N]
+        float* logits_ptr = logits.data_ptr<float>();
+        const int64_t grain = std::max<int64_t>(1, 16384 / keys);
+        at::parallel_for(0, (g1 - g0) * tile_rows, grain, [&](int64_t begin, int64_t end) {
+          float* thread_acc = acc_ptr + at::get_thread_num() * batch * keys;
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t b = (g0 + row / tile_rows) / kv_heads;
+            const int64_t t = (r0 + row % tile_rows) % queries;
+            if (query_valid_ptr[b * queries + t] == 0.0f) continue;
+            accumulate_row(logits_ptr + row * keys, key_valid_ptr + b * keys,
+                           limit_ptr[b * queries + t], row_weight_ptr[b],
+                           thread_acc + b * keys);
+          }
+        });
+      }
+    }
+  }
+  at::Tensor scores = acc.sum(0);
+  // A row with no valid query gets the uniform distribution over its valid keys.
+  at::Tensor uniform = key_valid / key_valid.sum(1, /*keepdim=*/true).clamp_min(1.0);
+  return at::where((count > 0).unsqueeze(1), scores, uniform);
+}
+
+}  // namespace etc_ext

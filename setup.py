@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,14 +34,44 @@ ROOT = Path(__file__).parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
-def find_cuda_home():
-    """CUDA_HOME as torch found it, else the toolkit of the nvcc on PATH."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if CUDA_HOME:
-        return CUDA_HOME
+def is_cuda_home(path):
+    """A CUDA toolkit folder: nvcc and the CUDA runtime library to link against."""
+    if not path:
+        return False
+    root = Path(path)
+    has_cudart = any((root / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+    return (root / "bin" / "nvcc").exists() and has_cudart
+
+
+def nvcc_toolkit_root():
+    """The toolkit of the nvcc on PATH, also when PATH holds a wrapper script rather than
+    the real nvcc: nvcc itself reports where it lives (the `_HERE_` line of a dry run)."""
     nvcc = shutil.which("nvcc")
-    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        dry_run = None
+    for line in (dry_run.stderr + dry_run.stdout).splitlines() if dry_run else []:
+        if line.startswith("#$ _HERE_="):
+            return str(Path(line.split("=", 1)[1]).resolve().parent)
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+def find_cuda_home():
+    """CUDA_HOME from the environment, else the first valid toolkit among torch's guess, the
+    toolkit of the nvcc on PATH and /usr/local/cuda."""
+    from_env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if from_env:
+        return from_env
+    for candidate in (CUDA_HOME, nvcc_toolkit_root(), "/usr/local/cuda"):
+        if is_cuda_home(candidate):
+            return candidate
+    return None
 
 
 def want_cuda():
@@ -65,7 +96,7 @@ def nvidia_wheel_include_dirs():
     for base in site.getsitepackages() + [site.getusersitepackages()]:
         dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
         dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
 def sources(with_cuda):
@@ -96,7 +127,7 @@ def extension():
         return CppExtension(**kwargs)
 
     cuda_home = find_cuda_home()
-    os.environ.setdefault("CUDA_HOME", cuda_home)
+    os.environ["CUDA_HOME"] = cuda_home
     import torch.utils.cpp_extension as cpp_ext
 
     cpp_ext.CUDA_HOME = cuda_home  # torch resolved it at import time, maybe before we set it

@@ -132,15 +132,17 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     kv_heads = k.shape[1]
     group = heads // kv_heads
     scale = dim**-0.5 if ctx.scale is None else ctx.scale
+    # float32 like the forward kernels; float64 inputs (gradcheck) stay float64.
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    q_valid = torch.ones(batch, queries, device=q.device) if q_mask is None else q_mask.float()
+    q_valid = torch.ones(batch, queries, dtype=dtype, device=q.device) if q_mask is None else q_mask.to(dtype)
     count = q_valid.sum(dim=1) * heads
     # Rows with no valid query return the uniform distribution, which depends on neither input.
     row_weight = q_valid / count.clamp_min(1.0)[:, None]  # (B, T)
-    grad_p = grad_scores.float()[:, None, None, :] * row_weight[:, None, :, None]  # (B, 1, T, N)
+    grad_p = grad_scores.to(dtype)[:, None, None, :] * row_weight[:, None, :, None]  # (B, 1, T, N)
 
-    grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if ctx.needs_input_grad[0] else None
-    grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
+    grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
+    grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
     kv_per_block = max(1, _BACKWARD_HEADS_PER_BLOCK // group)
     for j0 in range(0, kv_heads, kv_per_block):
         j1 = min(kv_heads, j0 + kv_per_block)
@@ -149,11 +151,11 @@ def _cross_attn_scores_backward(ctx, grad_scores):
         probs = reference.cross_attn_probs(q_blk, k_blk, scale=scale, kv_mask=kv_mask, q_pos=q_pos)
         grad_logits = probs * (grad_p - (probs * grad_p).sum(dim=-1, keepdim=True))  # (B, hb, T, N)
         grad_logits = grad_logits * scale
-        k_rep = k_blk.float().repeat_interleave(group, dim=1)
+        k_rep = k_blk.to(dtype).repeat_interleave(group, dim=1)
         if grad_q is not None:
             grad_q[:, j0 * group : j1 * group] = torch.matmul(grad_logits, k_rep)
         if grad_k is not None:
-            grad_k_rep = torch.matmul(grad_logits.transpose(-1, -2), q_blk.float())  # (B, hb, N, D)
+            grad_k_rep = torch.matmul(grad_logits.transpose(-1, -2), q_blk.to(dtype))  # (B, hb, N, D)
             grad_k[:, j0:j1] = grad_k_rep.unflatten(1, (j1 - j0, group)).sum(dim=2)
     return (
         None if grad_q is None else grad_q.to(q.dtype),

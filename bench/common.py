@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmarks: shapes, input builders, timing and peak-memory probes."""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# LLaVA-1.5-7B final layer: 32 heads of 128, one image of 576 visual tokens after a 35-token
+# prefix. The instruction has T tokens; scores read the whole causal context (q_pos).
+LLAVA_HEADS, LLAVA_HEAD_DIM, LLAVA_PREFIX, LLAVA_VISUAL = 32, 128, 35, 576
+# Qwen3-VL-2B: 16 query heads on 8 kv heads of 128; 1024 visual tokens.
+QWEN_HEADS, QWEN_KV_HEADS, QWEN_HEAD_DIM, QWEN_VISUAL = 16, 8, 128, 1024
+
+# (name, B, H, Hkv, T, N, D)
+SCORE_SHAPES = [
+    ("llava7b-infer", 1, LLAVA_HEADS, LLAVA_HEADS, 32, LLAVA_VISUAL, LLAVA_HEAD_DIM),
+    ("llava7b-b8", 8, LLAVA_HEADS, LLAVA_HEADS, 32, LLAVA_VISUAL, LLAVA_HEAD_DIM),
+    ("llava7b-train", 8, LLAVA_HEADS, LLAVA_HEADS, 512, LLAVA_VISUAL, LLAVA_HEAD_DIM),
+    ("qwen3vl2b-infer", 1, QWEN_HEADS, QWEN_KV_HEADS, 32, QWEN_VISUAL, QWEN_HEAD_DIM),
+]
+
+
+def score_inputs(batch, heads, kv_heads, queries, keys, dim, dtype=torch.float32, device="cpu", requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, queries, dim, generator=gen).to(device, dtype)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=gen).to(device, dtype)
+    return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
+
+
+def time_ms(fn, min_run_time=1.0):
+    """Median wall time of fn() in ms (torch.utils.benchmark: warm-up, CUDA sync, repeats)."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def peak_extra_memory_bytes(module, function, args, device="cpu"):
+    """Peak memory a call allocates beyond its inputs, measured in a fresh process.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak RSS
+    (ru_maxrss), a coarse but real measurement (page granularity, allocator caching)."""
+    code = f"""
+import gc, json, resource, sys, torch
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r})
+import {module} as m
+inputs = m.memory_probe_inputs(*{args!r}, device={device!r})
+fn = getattr(m, {function!r})
+gc.collect()
+if {device!r} == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    fn(*inputs); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn(*inputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+print(json.dumps(peak))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))

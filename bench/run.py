@@ -1,0 +1,127 @@
+"""Prints one table comparing etc_ext's ops with the PyTorch path, and writes JSON and a plot.
+
+    python bench/run.py [--quick] [--out outputs/bench] [--device cpu|cuda]
+
+Columns: our op, the eager reference (etc_ext.reference), torch.compile(reference), and for
+cross_attn_scores the q.k^T matmul alone (the floor a fused op can reach); ratios are
+reference time / our time. Memory: peak bytes a call allocates beyond its inputs, measured
+in a fresh process.
+"""
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SCORE_SHAPES, peak_extra_memory_bytes, score_inputs, time_ms  # noqa: E402
+
+import etc_ext  # noqa: E402
+
+
+def score_rows(device, quick, with_memory):
+    import bench_cross_attn_scores as bcs
+
+    rows = []
+    shapes = SCORE_SHAPES[:2] if quick else SCORE_SHAPES
+    for name, *shape in shapes:
+        q, k = score_inputs(*shape, device=device)
+        times = {path: time_ms(lambda fn=fn: fn(q, k), 0.3 if quick else 1.0) for path, fn in bcs.PATHS.items()}
+        row = {
+            "op": "cross_attn_scores",
+            "case": name,
+            "shape": "B={} H={} Hkv={} T={} N={} D={}".format(*shape),
+            "dtype": "float32",
+            "ours_ms": times["ours"],
+            "eager_ms": times["eager"],
+            "compile_ms": times["compile"],
+            "floor_ms": times["matmul"],
+        }
+        if with_memory:
+            row["ours_extra_bytes"] = peak_extra_memory_bytes("bench_cross_attn_scores", "memory_ours", shape, device)
+            row["eager_extra_bytes"] = peak_extra_memory_bytes("bench_cross_attn_scores", "memory_eager", shape, device)
+        rows.append(row)
+    return rows
+
+
+def other_op_rows(device, quick):
+    """Rows of the other op benchmarks, each module exposing run_table(quick, device)."""
+    rows = []
+    for module_name in ("bench_aggregate_kv",):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        rows += module.run_table(quick=quick, device=device)
+    return rows
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def print_table(rows):
+    header = f"{'op':<20}{'case':<18}{'dtype':<10}{'ours ms':>10}{'eager ms':>10}{'compile ms':>11}{'floor ms':>10}{'x eager':>9}{'x compile':>10}{'ours mem':>11}{'eager mem':>11}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        floor = r.get("floor_ms")
+        print(
+            f"{r['op']:<20}{r['case']:<18}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['eager_ms']:>10.2f}"
+            f"{r['compile_ms']:>11.2f}{floor if floor is not None else float('nan'):>10.2f}"
+            f"{r['eager_ms'] / r['ours_ms']:>9.2f}{r['compile_ms'] / r['ours_ms']:>10.2f}"
+            f"{fmt_bytes(r.get('ours_extra_bytes')):>11}{fmt_bytes(r.get('eager_extra_bytes')):>11}"
+        )
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']}\n{r['case']} {r['dtype']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    ax.bar([x - 0.2 for x in xs], [r["eager_ms"] / r["ours_ms"] for r in rows], 0.4, label="eager / ours")
+    ax.bar([x + 0.2 for x in xs], [r["compile_ms"] / r["ours_ms"] for r in rows], 0.4, label="torch.compile / ours")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up of the etc_ext op")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="outputs/bench")
+    args = parser.parse_args()
+
+    print(
+        f"etc_ext {etc_ext.__version__}, torch {torch.__version__}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    rows = score_rows(args.device, args.quick, not args.no_memory) + other_op_rows(args.device, args.quick)
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ops.json").write_text(json.dumps({"device": args.device, "torch": torch.__version__, "rows": rows}, indent=2))
+    plot(rows, out / "ops.png")
+    print(f"wrote {out / 'ops.json'} and {out / 'ops.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,8 @@ their pure-PyTorch references live in :mod:`etc_ext.reference`.
 
 __version__ = "0.1.0"
 
+import torch  # noqa: F401  (loads libc10/libtorch, which etc_ext._C links against)
+
 try:
     from . import _C  # noqa: F401  (loads the library and registers torch.ops.etc_ext.*)
 except ImportError as error:  # pragma: no cover - the message is the point

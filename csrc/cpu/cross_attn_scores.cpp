@@ -1,6 +1,7 @@
-// CPU kernel of cross_attn_scores: blockwise q.k^T with the BLAS matmul, then one fused pass
-// per tile (mask, softmax, accumulate into per-thread score rows). The logits tile stays in
-// cache and the [B, H, T, N] probabilities are never materialized.
+// CPU kernel of cross_attn_scores. Work items are (query group, row chunk) pairs run in
+// parallel; each thread computes its q.k^T logits tile with a single-threaded BLAS matmul into
+// a buffer that stays in its L2 cache, then one fused pass per row (mask, softmax, accumulate
+// into the thread's score rows). The [B, H, T, N] probabilities are never materialized.
 #include "../checks.h"
 #include "../ops.h"
 #include "vec_math.h"
@@ -9,14 +10,13 @@
 
 #include <cmath>
 #include <limits>
-#include <vector>
 
 namespace etc_ext {
 namespace {
 
-// Floats in one logits tile (4 MiB): large enough for an efficient matmul, small enough to
-// stay in the last-level cache between the matmul and the softmax pass.
-constexpr int64_t kTileFloats = int64_t{1} << 20;
+// Floats in one thread's logits tile (256 KiB): stays in the core's L2 cache between the
+// matmul that writes it and the softmax pass that reads it.
+constexpr int64_t kTileFloats = int64_t{1} << 16;
 
 // Softmax of one logits row over its visible keys, accumulated into `acc` with weight
 // `row_weight`. Keys at index >= limit or with key_valid == 0 are invisible.
@@ -73,41 +73,47 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
   if (batch > 0 && keys > 0 && queries > 0 && heads > 0) {
     // Queries grouped by the kv head they read and pre-scaled: [B * Hkv, g * T, D]. Row r of
     // group (b, j) is query t = r % T of head j * g + r / T.
-    const at::Tensor q_groups = (q.to(at::kFloat) * softmax_scale).reshape({batch * kv_heads, group * queries, dim});
-    const at::Tensor k_groups = k.to(at::kFloat).reshape({batch * kv_heads, keys, dim});
-    const int64_t num_groups = batch * kv_heads, rows_per_group = group * queries;
-    const int64_t rows_per_tile = std::max<int64_t>(1, kTileFloats / keys);
-    const int64_t row_chunk = std::min(rows_per_group, rows_per_tile);
-    const int64_t groups_per_tile = std::max<int64_t>(1, rows_per_tile / rows_per_group);
+    const at::Tensor q_groups =
+        (q.to(at::kFloat) * softmax_scale).reshape({batch * kv_heads, group * queries, dim}).contiguous();
+    const at::Tensor k_groups = k.to(at::kFloat).reshape({batch * kv_heads, keys, dim}).contiguous();
+    const int64_t rows_per_group = group * queries;
+    const int64_t row_chunk = std::min(rows_per_group, std::max<int64_t>(1, kTileFloats / keys));
+    const int64_t chunks_per_group = (rows_per_group + row_chunk - 1) / row_chunk;
+    at::Tensor tiles = at::empty({nthreads, row_chunk, keys}, f32);
 
+    const float* q_ptr = q_groups.data_ptr<float>();
+    const float* k_ptr = k_groups.data_ptr<float>();
     const float* key_valid_ptr = key_valid.data_ptr<float>();
     const float* query_valid_ptr = query_valid.data_ptr<float>();
     const int64_t* limit_ptr = limit.data_ptr<int64_t>();
     const float* row_weight_ptr = row_weight.data_ptr<float>();
     float* acc_ptr = acc.data_ptr<float>();
+    float* tiles_ptr = tiles.data_ptr<float>();
 
-    for (int64_t g0 = 0; g0 < num_groups; g0 += groups_per_tile) {
-      const int64_t g1 = std::min(num_groups, g0 + groups_per_tile);
-      const at::Tensor k_tile = k_groups.slice(0, g0, g1).transpose(1, 2);  // [G, D, N]
-      for (int64_t r0 = 0; r0 < rows_per_group; r0 += row_chunk) {
-        const int64_t r1 = std::min(rows_per_group, r0 + row_chunk);
-        const int64_t tile_rows = r1 - r0;
-        at::Tensor logits = at::bmm(q_groups.slice(0, g0, g1).slice(1, r0, r1), k_tile);  // [G, R, N]
-        float* logits_ptr = logits.data_ptr<float>();
-        const int64_t grain = std::max<int64_t>(1, 16384 / keys);
-        at::parallel_for(0, (g1 - g0) * tile_rows, grain, [&](int64_t begin, int64_t end) {
-          float* thread_acc = acc_ptr + at::get_thread_num() * batch * keys;
-          for (int64_t row = begin; row < end; ++row) {
-            const int64_t b = (g0 + row / tile_rows) / kv_heads;
-            const int64_t t = (r0 + row % tile_rows) % queries;
-            if (query_valid_ptr[b * queries + t] == 0.0f) continue;
-            accumulate_row(logits_ptr + row * keys, key_valid_ptr + b * keys,
-                           limit_ptr[b * queries + t], row_weight_ptr[b],
-                           thread_acc + b * keys);
-          }
-        });
+    at::parallel_for(0, batch * kv_heads * chunks_per_group, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      float* thread_acc = acc_ptr + tid * batch * keys;
+      float* tile_ptr = tiles_ptr + tid * row_chunk * keys;
+      const auto cpu_f32 = at::TensorOptions().dtype(at::kFloat);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t group_idx = item / chunks_per_group;
+        const int64_t r0 = (item % chunks_per_group) * row_chunk;
+        const int64_t rows = std::min(row_chunk, rows_per_group - r0);
+        const int64_t b = group_idx / kv_heads;
+        // Plain tensors over raw buffers (no autograd state): inside a parallel region the
+        // matmul runs single-threaded on this thread.
+        const at::Tensor q_rows = at::from_blob(const_cast<float*>(q_ptr) + (group_idx * rows_per_group + r0) * dim, {rows, dim}, cpu_f32);
+        const at::Tensor k_rows = at::from_blob(const_cast<float*>(k_ptr) + group_idx * keys * dim, {keys, dim}, cpu_f32);
+        at::Tensor logits = at::from_blob(tile_ptr, {rows, keys}, cpu_f32);
+        at::mm_out(logits, q_rows, k_rows.t());
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t t = (r0 + row) % queries;
+          if (query_valid_ptr[b * queries + t] == 0.0f) continue;
+          accumulate_row(tile_ptr + row * keys, key_valid_ptr + b * keys, limit_ptr[b * queries + t],
+                         row_weight_ptr[b], thread_acc + b * keys);
+        }
       }
-    }
+    });
   }
   at::Tensor scores = acc.sum(0);
   // A row with no valid query gets the uniform distribution over its valid keys.

@@ -76,7 +76,8 @@ def test_tokenizer_special_tokens_and_english(processor):
     assert tokenizer.image_token == "<image>"
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "<pad>", "<image>")}
     assert len(set(ids.values())) == 5
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (ids["<s>"], ids["</s>"], ids["<pad>"])
+    assert tokenizer.bos_token_id == ids["<s>"] and tokenizer.eos_token_id == ids["</s>"]
+    assert tokenizer.pad_token_id == ids["<pad>"]
     assert tokenizer("<image>", add_special_tokens=False).input_ids == [ids["<image>"]]
     # Shapes vocabulary: one token per word.
     for word in (" red", " circle", " triangles", " yes", " four", " column", "What", " ASSISTANT"):
@@ -107,8 +108,8 @@ def test_processor_expands_image_tokens(image_size, patch_size, strategy, expect
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "USER: <image>\nWhat color? ASSISTANT:"
-    out = processor(text=[text, "USER: <image>\n<image>\nTwo? ASSISTANT:"], images=[[_image("red")], [_image("blue")] * 2],
-                    return_tensors="pt", padding=True)  # fmt: skip
+    texts = [text, "USER: <image>\n<image>\nTwo? ASSISTANT:"]
+    out = processor(text=texts, images=[[_image("red")], [_image("blue")] * 2], return_tensors="pt", padding=True)
     image_token_id = processor.tokenizer.image_token_id
     assert (out["input_ids"] == image_token_id).sum(dim=1).tolist() == [expected, 2 * expected]
     assert out["pixel_values"].shape == (3, 3, image_size, image_size)
@@ -173,7 +174,9 @@ def test_multi_turn_labels(processor, shapes_dir):
 
 
 @pytest.mark.parametrize(
-    "template, learned_text", [(LLAVA_HF_TEMPLATE, " {}"), (CHATML_TEMPLATE, "{}<|im_end|>")], ids=["llava-hf", "chatml"]
+    "template, learned_text",
+    [(LLAVA_HF_TEMPLATE, " {}"), (CHATML_TEMPLATE, "{}<|im_end|>")],
+    ids=["llava-hf", "chatml"],
 )
 def test_labels_with_other_chat_templates(template, learned_text, shapes_dir):
     processor = build_processor()
@@ -300,16 +303,17 @@ def test_batch_runs_through_a_tiny_llava(processor, tmp_path):
     assert torch.isfinite(out.loss)
 
 
-def _good(sample_id, **extra):
-    return {"id": sample_id, "image": "images/test/000000.png",
-            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}], **extra}  # fmt: skip
+def _good(sample_id):
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    return {"id": sample_id, "image": "images/test/000000.png", "conversations": turns}
 
 
 BAD_SAMPLES = {
     "missing image file": (
         {**_good("bad-missing"), "image": "images/test/does_not_exist.png"}, "does_not_exist.png not found"),
     "image without placeholder": (
-        {**_good("bad-noplace"), "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "red"}]},
+        {**_good("bad-noplace"), "conversations": [{"from": "human", "value": "What?"},
+                                                   {"from": "gpt", "value": "red"}]},
         "no <image>"),
     "empty conversation": ({**_good("bad-empty"), "conversations": []}, "empty conversation"),
     "placeholder without image": (
@@ -321,7 +325,8 @@ BAD_SAMPLES = {
     "no gpt turn": ({**_good("bad-nogpt"), "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}, "no gpt"),
     "placeholder in a gpt turn": (
         {**_good("bad-gptimage"), "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                    {"from": "gpt", "value": "<image>"}]}, "in turn 1, a 'assistant' turn"),
+                                                    {"from": "gpt", "value": "<image>"}]},
+        "in turn 1, a 'assistant' turn"),
     "turns do not alternate": (
         {**_good("bad-order"), "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                  {"from": "human", "value": "Hm?"}, {"from": "gpt", "value": "red"}]},

@@ -7,43 +7,45 @@ processor.
 - `etc_ext.data.conversation`: `ConversationDataset` reads `llava_v1_5_mix665k`-style json through a model's processor.
 - `etc_ext.data.collator`: `ConversationCollator` pads items into batches.
 
-Nothing here imports transformers at import time; `build_processor` does when called.
+The names below are imported from their submodule on first use (PEP 562), as transformers does, so that
+`python -m etc_ext.data.shapes` runs its module once and nothing imports transformers before `build_processor` is
+called.
 """
 
-from .collator import ConversationCollator
-from .conversation import (
-    IGNORE_INDEX,
-    LLAVA_SYSTEM_PROMPT,
-    BadSampleError,
-    Conversation,
-    ConversationDataset,
-    encode_conversation,
-    encode_prompt,
-    load_llava_json,
-    parse_sample,
-    to_chat_messages,
-)
-from .processor import build_image_processor, build_processor, build_tokenizer, num_image_tokens
-from .shapes import DEFAULT_IMAGE_SIZE, QUESTION_TYPES, generate_shapes_dataset
+import importlib
 
 
-__all__ = [
-    "BadSampleError",
-    "Conversation",
-    "ConversationCollator",
-    "ConversationDataset",
-    "DEFAULT_IMAGE_SIZE",
-    "IGNORE_INDEX",
-    "LLAVA_SYSTEM_PROMPT",
-    "QUESTION_TYPES",
-    "build_image_processor",
-    "build_processor",
-    "build_tokenizer",
-    "encode_conversation",
-    "encode_prompt",
-    "generate_shapes_dataset",
-    "load_llava_json",
-    "num_image_tokens",
-    "parse_sample",
-    "to_chat_messages",
-]
+_EXPORTS = {
+    "ConversationCollator": "collator",
+    "BadSampleError": "conversation",
+    "Conversation": "conversation",
+    "ConversationDataset": "conversation",
+    "IGNORE_INDEX": "conversation",
+    "LLAVA_SYSTEM_PROMPT": "conversation",
+    "encode_conversation": "conversation",
+    "encode_prompt": "conversation",
+    "load_llava_json": "conversation",
+    "parse_sample": "conversation",
+    "to_chat_messages": "conversation",
+    "build_image_processor": "processor",
+    "build_processor": "processor",
+    "build_tokenizer": "processor",
+    "num_image_tokens": "processor",
+    "DEFAULT_IMAGE_SIZE": "shapes",
+    "QUESTION_TYPES": "shapes",
+    "generate_shapes_dataset": "shapes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

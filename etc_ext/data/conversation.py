@@ -227,7 +227,10 @@ def _tokenize(processor, text: str, images: list[Image.Image]) -> dict:
     if images:
         if getattr(processor, "image_processor", None) is None:
             raise ValueError(f"{type(processor).__name__} cannot process images (no image_processor)")
-        return dict(processor(text=[text], images=images, return_text_replacement_offsets=True, return_tensors="pt", **kwargs))
+        outputs = processor(
+            text=[text], images=images, return_text_replacement_offsets=True, return_tensors="pt", **kwargs
+        )
+        return dict(outputs)
     if tokenizer is processor:
         return dict(processor([text], return_tensors="pt", **kwargs))
     return dict(processor(text=[text], return_tensors="pt", **kwargs))

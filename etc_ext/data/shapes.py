@@ -20,7 +20,7 @@ code reads it exactly like real data:
 
 ```
 out_dir/
-    train.json                 [{"id", "image": "images/train/000000.png", "conversations": [...], "question_types": [...]}]
+    train.json          [{"id", "image": "images/train/000000.png", "conversations": [...], "question_types": [...]}]
     train_scenes.json          {"params": {...}, "scenes": [{"image", "grid_size", "objects": [...]}]}
     images/train/000000.png
 ```
@@ -127,7 +127,8 @@ class Scene:
         return (self.grid_size, tuple(sorted((o.row, o.col, o.shape, o.color) for o in self.objects)))
 
     def to_dict(self) -> dict:
-        return {"grid_size": self.grid_size, "image_size": self.image_size, "objects": [asdict(o) for o in self.objects]}
+        objects = [asdict(o) for o in self.objects]
+        return {"grid_size": self.grid_size, "image_size": self.image_size, "objects": objects}
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,9 @@ def sample_scene(
         shape = rng.choice(shapes)
         color = rng.choice(palette)
         radius = cell * rng.uniform(0.28, 0.38)
-        center = ((col + 0.5) * cell + cell * rng.uniform(-0.08, 0.08), (row + 0.5) * cell + cell * rng.uniform(-0.08, 0.08))
+        center_x = (col + 0.5 + rng.uniform(-0.08, 0.08)) * cell
+        center_y = (row + 0.5 + rng.uniform(-0.08, 0.08)) * cell
+        center = (center_x, center_y)
         objects.append(ShapeObject(row, col, shape, color, center, radius))
     return Scene(grid_size, image_size, tuple(objects))
 
@@ -252,8 +255,9 @@ def pick_balanced_question(
     rng: random.Random, scene: Scene, question_type: str, answer_counts: Counter
 ) -> Question | None:
     """Picks a question of `question_type` whose answer is the least used so far in `answer_counts` (ties broken at
-    random; `count` answers above `MAX_COUNT_ANSWER` are not asked), phrases it with a random template, and updates `answer_counts`. None if the scene allows no such question
-    (e.g. `where` when every (color, shape) appears twice)."""
+    random; `count` answers above `MAX_COUNT_ANSWER` are not asked), phrases it with a random template, and updates
+    `answer_counts`. None if the scene allows no such question (e.g. `where` when every (color, shape) appears twice).
+    """
     candidates = candidate_questions(scene, question_type)
     if question_type == "count":
         candidates = [c for c in candidates if NUMBER_WORDS.index(c[2]) <= MAX_COUNT_ANSWER]
@@ -425,7 +429,8 @@ def shapes_vocabulary(grid_sizes: tuple[int, ...] = (3, 4, 5, 6)) -> list[str]:
     for key, templates in QUESTION_TEMPLATES.items():
         for template in templates:
             if key in ("color", "shape"):
-                texts += [template.format(row=r + 1, col=column_letter(c)) for r in range(max_grid) for c in range(max_grid)]
+                cells = [(r, c) for r in range(max_grid) for c in range(max_grid)]
+                texts += [template.format(row=r + 1, col=column_letter(c)) for r, c in cells]
             elif key in ("where", "exists"):
                 texts += [template.format(color=color, shape=shape) for color in COLORS for shape in SHAPES]
             elif key == "count_color":

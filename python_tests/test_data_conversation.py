@@ -208,6 +208,7 @@ def test_prompt_items_for_evaluation(processor, shapes_dir):
     assert set(item) >= {"id", "answer", "input_ids", "attention_mask", "pixel_values", "num_images"}
     assert "labels" not in item
     assert item["answer"] == answers[-1]
+    assert item["meta"] == {"question_types": samples[0]["question_types"]}
     assert item["pixel_values"].shape == (1, 3, 168, 168)
     text = tokenizer.decode(item["input_ids"][item["input_ids"] != tokenizer.image_token_id])
     last_question = samples[0]["conversations"][-2]["value"]
@@ -224,7 +225,7 @@ def _mixed_samples(root):
         {"id": "one", "image": "images/test/000000.png",
          "conversations": [{"from": "human", "value": "What shape is in row 1, column a?\n<image>"},
                            {"from": "gpt", "value": "circle"}]},
-        {"id": "two", "image": ["images/test/000001.png", "images/test/000000.png"],
+        {"id": "two", "image": ["images/test/000001.png", "images/test/000000.png"], "source": "mixed",
          "conversations": [{"from": "human", "value": "<image>\nCompare with <image> please."},
                            {"from": "gpt", "value": "same"}, {"from": "human", "value": "Sure?"},
                            {"from": "gpt", "value": "yes"}]},
@@ -270,6 +271,7 @@ def test_collator_text_only_and_eval_batches(processor, tmp_path):
     batch = ConversationCollator.from_processor(processor, padding_side="left")([evaluation[i] for i in range(3)])
     assert "labels" not in batch
     assert batch["answers"] == ["Hello world.", "circle", "yes"]
+    assert batch["meta"] == [{}, {}, {"source": "mixed"}]
     assert batch["num_images"].tolist() == [0, 1, 2] and batch["pixel_values"].shape[0] == 3
     # Left padding: every prompt ends with the generation prompt in the last column.
     assert batch["attention_mask"][:, -1].eq(1).all()

@@ -8,7 +8,6 @@ from .conversation import IGNORE_INDEX
 
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
-META_KEYS = ("id", "answer", "num_images")
 
 
 class ConversationCollator:
@@ -27,7 +26,8 @@ class ConversationCollator:
             no item has an image; any other image tensor of the processor (`image_sizes`, `image_grid_thw`, ...) is
             concatenated the same way.
         num_images: LongTensor `(B,)`, images of each item (0 for text-only samples), in the order of pixel_values.
-        ids: list of the sample ids; answers: list of reference answers (eval items only).
+        ids: list of the sample ids; meta: list of the items' `meta` dicts; answers: list of reference answers (eval
+            items only).
 
     Only `input_ids`, `attention_mask`, `labels` and the image tensors are model inputs.
     """
@@ -86,6 +86,7 @@ class ConversationCollator:
 
         batch["num_images"] = torch.tensor([item.get("num_images", 0) for item in items], dtype=torch.long)
         batch["ids"] = [item.get("id") for item in items]
+        batch["meta"] = [item.get("meta", {}) for item in items]
         if "answer" in items[0]:
             batch["answers"] = [item.get("answer") for item in items]
         return batch

@@ -349,8 +349,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         system_prompt: system message prepended to every conversation that has none (e.g. `LLAVA_SYSTEM_PROMPT`).
         check_image_files: check up front that every image file exists.
 
-    Items are dicts: `id`, `input_ids`, `attention_mask`, (`labels` in train mode, `answer` in eval mode),
-    `num_images`, `pixel_values` (`(num_images, 3, H, W)` or None) and any other image tensor of the processor. An
+    Items are dicts: `id`, `meta` (the sample's other json keys, e.g. `question_types`), `input_ids`,
+    `attention_mask`, (`labels` in train mode, `answer` in eval mode), `num_images`, `pixel_values`
+    (`(num_images, 3, H, W)` or None) and any other image tensor of the processor. An
     image that exists but cannot be read raises `BadSampleError` in `__getitem__`. Batch items with
     `ConversationCollator`.
     """
@@ -425,7 +426,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         item = encode_conversation(
             self.processor, messages, images, max_length=self.max_length, sample_id=sample.id, source=self.source
         )
-        return {"id": sample.id, **item}
+        return {"id": sample.id, "meta": sample.extra, **item}
 
     def prompt_item(self, index: int) -> dict:
         """Item `index` encoded for generation: prompt up to the last human turn, and the reference `answer`."""
@@ -433,7 +434,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         turns, answer, paths = sample.prompt_and_answer()
         messages = to_chat_messages(turns, self.system_prompt)
         item = encode_prompt(self.processor, messages, self._load_images(sample, paths))
-        return {"id": sample.id, "answer": answer, **item}
+        return {"id": sample.id, "meta": sample.extra, "answer": answer, **item}
 
     def __getitem__(self, index: int) -> dict:
         return self.train_item(index) if self.mode == "train" else self.prompt_item(index)

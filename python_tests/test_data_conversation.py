@@ -281,6 +281,20 @@ def test_collator_text_only_and_eval_batches(processor, tmp_path):
         ConversationCollator.from_processor(processor)([train[0], evaluation[0]])
 
 
+def test_collator_pads_per_token_type_ids():
+    # Qwen-VL processors also return mm_token_type_ids (1 at image tokens): padded like the mask, not concatenated.
+    items = [
+        {"id": "a", "input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
+         "mm_token_type_ids": torch.tensor([0, 1, 0]), "num_images": 1, "pixel_values": torch.zeros(4, 6)},
+        {"id": "b", "input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long),
+         "mm_token_type_ids": torch.tensor([0]), "num_images": 0, "pixel_values": None},
+    ]  # fmt: skip
+    batch = ConversationCollator(pad_token_id=0, padding_side="left")(items)
+    assert batch["mm_token_type_ids"].tolist() == [[0, 1, 0], [0, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["pixel_values"].shape == (4, 6) and batch["num_images"].tolist() == [1, 0]
+
+
 def test_batch_runs_through_a_tiny_llava(processor, tmp_path):
     """The processor's image-token count and the collated batch fit a real (tiny) LlavaForConditionalGeneration."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

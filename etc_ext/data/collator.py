@@ -7,7 +7,14 @@ import torch
 from .conversation import IGNORE_INDEX
 
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+# Per-token keys and the value their padding gets (the pad token id for input_ids).
+SEQUENCE_KEYS = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "labels": IGNORE_INDEX,
+    "token_type_ids": 0,
+    "mm_token_type_ids": 0,
+}
 
 
 class ConversationCollator:
@@ -22,6 +29,7 @@ class ConversationCollator:
         input_ids: LongTensor `(B, L)`, `pad_token_id` at padding.
         attention_mask: LongTensor `(B, L)`, 0 at padding.
         labels: LongTensor `(B, L)`, `IGNORE_INDEX` at padding (only when the items have labels).
+        token_type_ids, mm_token_type_ids: `(B, L)`, 0 at padding (only when the items have them).
         pixel_values: the items' `pixel_values` concatenated in batch order, `(total_images, 3, H, W)`, or None when
             no item has an image; any other image tensor of the processor (`image_sizes`, `image_grid_thw`, ...) is
             concatenated the same way.
@@ -53,28 +61,25 @@ class ConversationCollator:
     def __call__(self, items: list[dict]) -> dict:
         if not items:
             raise ValueError("cannot collate an empty list of items")
-        has_labels = "labels" in items[0]
-        if any(("labels" in item) != has_labels for item in items):
+        if any(("labels" in item) != ("labels" in items[0]) for item in items):
             raise ValueError("items mix training items (with labels) and prompt items (without)")
         lengths = [item["input_ids"].shape[0] for item in items]
         length = max(lengths)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
-        batch_size = len(items)
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)  # (B, L)
-        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)  # (B, L)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
-        for b, (item, n) in enumerate(zip(items, lengths)):
-            columns = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
-            input_ids[b, columns] = item["input_ids"]
-            attention_mask[b, columns] = item["attention_mask"]
-            if labels is not None:
-                labels[b, columns] = item["labels"]
-
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if labels is not None:
-            batch["labels"] = labels
+        batch = {}
+        for key, pad_value in SEQUENCE_KEYS.items():
+            if key not in items[0]:
+                continue
+            if any(key not in item for item in items):
+                raise ValueError(f"some items have {key!r} and others do not")
+            pad_value = self.pad_token_id if key == "input_ids" else pad_value
+            padded = torch.full((len(items), length), pad_value, dtype=items[0][key].dtype)  # (B, L)
+            for b, (item, n) in enumerate(zip(items, lengths)):
+                columns = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+                padded[b, columns] = item[key]
+            batch[key] = padded
 
         # Image tensors: every other tensor-valued key, concatenated over the items that have one.
         image_keys = {"pixel_values"}

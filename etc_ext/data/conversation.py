@@ -236,17 +236,19 @@ def _tokenize(processor, text: str, images: list[Image.Image]) -> dict:
     return dict(processor(text=[text], return_tensors="pt", **kwargs))
 
 
-def _split_outputs(outputs: dict) -> tuple[torch.Tensor, dict]:
-    """Input ids `(seq_len,)` of the single text, and the image tensors (`pixel_values`, ...), first dim per image or
-    per patch as the processor returns them."""
+# Per-token outputs of some processors besides input_ids (Qwen-VL's mm_token_type_ids mark image/video tokens).
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+def _split_outputs(outputs: dict) -> tuple[torch.Tensor, dict, dict]:
+    """Splits the processor's outputs for one text into input ids `(seq_len,)`, other per-token tensors
+    (`mm_token_type_ids`, `(seq_len,)`), and the image tensors (`pixel_values`, `image_grid_thw`, ...: first dim per
+    image or per patch, as the processor returns them)."""
     input_ids = outputs["input_ids"][0]
-    image_inputs = {
-        k: v
-        for k, v in outputs.items()
-        if k not in ("input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids")
-        and isinstance(v, torch.Tensor)
-    }
-    return input_ids, image_inputs
+    token_types = {k: torch.as_tensor(outputs[k])[0] for k in TOKEN_TYPE_KEYS if k in outputs}
+    skip = ("input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", *TOKEN_TYPE_KEYS)
+    image_inputs = {k: v for k, v in outputs.items() if k not in skip and isinstance(v, torch.Tensor)}
+    return input_ids, token_types, image_inputs
 
 
 def encode_conversation(
@@ -269,12 +271,13 @@ def encode_conversation(
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (LongTensors of shape `(seq_len,)`; labels are `IGNORE_INDEX` outside
-        assistant turns and on image tokens), `num_images`, and the processor's image tensors such as
-        `pixel_values` `(num_images, 3, height, width)` (None without images).
+        assistant turns and on image tokens), the processor's other per-token tensors if any (`mm_token_type_ids`),
+        `num_images`, and the processor's image tensors such as `pixel_values` `(num_images, 3, height, width)` (None
+        without images).
     """
     text, spans = assistant_spans(processor, messages)
     outputs = _tokenize(processor, text, images)
-    input_ids, image_inputs = _split_outputs(outputs)
+    input_ids, token_types, image_inputs = _split_outputs(outputs)
 
     # Shift the spans by what the image placeholders before them grew into, then mark the overlapping tokens.
     offsets = torch.as_tensor(outputs["offset_mapping"][0]).reshape(-1, 2)  # (seq_len, 2)
@@ -298,10 +301,12 @@ def encode_conversation(
                 "image tokens"
             )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+        token_types = {k: v[:max_length] for k, v in token_types.items()}
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
+        **token_types,
         "num_images": len(images),
         "pixel_values": None,
         **image_inputs,
@@ -316,10 +321,11 @@ def encode_prompt(processor, messages: list[dict], images: list[Image.Image]) ->
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user message")
     text = render_chat(processor, messages, add_generation_prompt=True)
-    input_ids, image_inputs = _split_outputs(_tokenize(processor, text, images))
+    input_ids, token_types, image_inputs = _split_outputs(_tokenize(processor, text, images))
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
+        **token_types,
         "num_images": len(images),
         "pixel_values": None,
         **image_inputs,

@@ -207,7 +207,8 @@ class ETCLayout:
         return self.extend(labels, ignore_index)
 
     def embed(self, inputs_embeds: torch.Tensor, compression_embeds: torch.Tensor) -> torch.Tensor:
-        """Extended embeddings `(B, Lx, H)`: the user's `(B, L, H)`, compression embeddings `(M, H)` after each image."""
+        """Extended embeddings `(B, Lx, H)`: the user's `(B, L, H)` and the compression embeddings `(M, H)` after
+        each image."""
         out = self.extend(inputs_embeds, 0.0)
         rows = self.spans.row[:, None].expand_as(self.compression_index)
         out[rows, self.compression_index] = compression_embeds.to(out.dtype)[None].expand(len(self.spans), -1, -1)

@@ -139,7 +139,8 @@ def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each row of `(I, N)` to [0, 1]; a constant row becomes all ones (keep every token)."""
     low = scores.amin(-1, keepdim=True)
     span = scores.amax(-1, keepdim=True) - low
-    return torch.where(span > 0, (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny), torch.ones_like(scores))
+    normalized = (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.where(span > 0, normalized, torch.ones_like(scores))
 
 
 def instruction_aware_target(visual_hidden: torch.Tensor, scores: torch.Tensor, alpha: float) -> torch.Tensor:

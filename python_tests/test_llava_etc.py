@@ -2,11 +2,11 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.cache_utils import DynamicCache
 
 import etc_ext  # noqa: F401  (loads the ops)
 from etc_ext.compress import (
@@ -289,11 +289,15 @@ def test_generate_greedy_matches_a_masked_forward_loop():
     model = apply_etc(tiny_llava(), small_config())
     inputs, _ = make_batch(CHAT)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(8):
+        for step in range(8):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
-            next_token = logits.logits[:, -1].argmax(-1, keepdim=True)
+            logits = logits.logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=0)
+            next_token = logits.argmax(-1, keepdim=True)
             input_ids = torch.cat([input_ids, next_token], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     assert torch.equal(out.sequences, input_ids)
@@ -407,13 +411,16 @@ def test_scores_match_eager_attention_probabilities(target_layer, score_context)
 
 
 def test_vid_loss_closed_form():
-    # N = 2 positions, D = 2 channels, one image; sigma^2 = (0.5, 2.0)
+    # N = 2 positions, D = 2 channels, one image; sigma^2 = (0.5, 4.0)
     target = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])
     mu = torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])
-    variance = torch.tensor([0.5, 2.0])
-    # channel 0: (1 + 4) / (2 * 0.5) + 2 * log(sqrt(0.5)); channel 1: (0 + 4) / (2 * 2) + 2 * log(sqrt(2))
-    expected = 5.0 + 2 * 0.5 * torch.log(torch.tensor(0.5)) + 1.0 + 2 * 0.5 * torch.log(torch.tensor(2.0))
+    variance = torch.tensor([0.5, 4.0])
+    # channel 0: (1 + 4) / (2 * 0.5) + 2 * log(sqrt(0.5)); channel 1: (0 + 4) / (2 * 4) + 2 * log(sqrt(4))
+    expected = torch.tensor(5.0 + math.log(0.5) + 0.5 + math.log(4.0))  # = 5.5 + log 2
     torch.testing.assert_close(vid_loss(target, mu, variance), expected)
+    # two images: the mean over images
+    doubled = vid_loss(torch.cat([target, target]), torch.cat([mu, target]), variance)
+    torch.testing.assert_close(doubled, (expected + 2 * math.log(2.0) / 2) / 2)
     # the learned variance: softplus(w) + eps, unit at initialisation
     model = apply_etc(tiny_llava(), small_config())
     torch.testing.assert_close(model.etc.distill.variance, torch.ones(32) + 1e-6)
@@ -496,7 +503,8 @@ def test_lora_teacher_disables_adapters_and_adapters_round_trip(tmp_path):
     inputs, labels = make_batch(CHAT, answer=3)
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
     # teacher="frozen" with LoRA: the same model with the adapters off, i.e. the base model
-    torch.testing.assert_close(instruction_target(model, *args)["target"], instruction_target(reference, *args)["target"])
+    expected = instruction_target(reference, *args)["target"]
+    torch.testing.assert_close(instruction_target(model, *args)["target"], expected)
     out = model(**inputs, labels=labels)
     out.loss.backward()
     names = {name for name, p in model.named_parameters() if p.grad is not None}
@@ -522,7 +530,8 @@ def test_save_and_load_round_trip(tmp_path):
         optimizer.step()
     model.eval()
     save_pretrained(model, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"etc_config.json", "etc_model.safetensors", "base_model.safetensors"}
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"etc_config.json", "etc_model.safetensors", "base_model.safetensors"}
     # into the starting model (same architecture and weights); resuming training keeps it as the frozen teacher
     loaded = from_pretrained(tiny_llava(), tmp_path, is_trainable=True)
     loaded.eval()

@@ -49,7 +49,9 @@ class ETCModules(nn.Module):
     def __init__(self, config: ETCConfig, initializer_range: float = 0.02):
         super().__init__()
         self.config = config
-        self.compression_tokens = CompressionTokens(config.num_compression_tokens, config.hidden_size, initializer_range)
+        self.compression_tokens = CompressionTokens(
+            config.num_compression_tokens, config.hidden_size, initializer_range
+        )
         self.distill = (
             DistillHead(config, config.hidden_size, config.num_visual_tokens) if config.loss != "none" else None
         )

@@ -163,18 +163,18 @@ class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return super().forward(**base_kwargs)
 
         etc_state = getattr(cache, "etc_state", None)
-        image_token_mask = None if input_ids is None else input_ids == self.config.image_token_id
         encoded_images = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
         has_images = pixel_values is not None or encoded_images is not None
-        has_image_tokens = image_token_mask is not None and bool(image_token_mask.any())
-        if etc_state is not None:
-            if has_images or has_image_tokens:
+        if etc_state is not None:  # decoding: new tokens are text (as in LLaVA, a generated image token id is too)
+            if has_images:
                 raise NotImplementedError(
                     "ETC: adding images to a cache that already holds a compressed prefill is not supported; "
                     "start a new cache for a prompt with images."
                 )
             base_kwargs.update(self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache))
             return super().forward(**base_kwargs)
+        image_token_mask = None if input_ids is None else input_ids == self.config.image_token_id
+        has_image_tokens = image_token_mask is not None and bool(image_token_mask.any())
         if not has_images and not has_image_tokens:
             return super().forward(**base_kwargs)  # nothing to compress: text only
 
@@ -193,8 +193,8 @@ class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 etc_prefill_method or self.etc.prefill_method,
             )  # fmt: skip
         return self._etc_masked_forward(
-            input_ids, pixel_values, encoded_images, attention_mask, position_ids, image_token_mask, labels, logits_to_keep,
-            vision_feature_layer, vision_feature_select_strategy, image_sizes, kwargs,
+            input_ids, pixel_values, encoded_images, attention_mask, position_ids, image_token_mask, labels,
+            logits_to_keep, vision_feature_layer, vision_feature_select_strategy, image_sizes, kwargs,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- inputs

@@ -565,8 +565,9 @@ def _etc_class(cls: type) -> type:
 
 def snapshot_teacher(model: nn.Module) -> _FrozenTeacher:
     """The frozen teacher of `teacher="frozen"` under full fine-tuning: a copy of the projector and language model,
-    taken at the first training forward (call this earlier to take it from the weights as they are now). It is not a
-    submodule: it neither trains nor saves; it follows the language model's device."""
+    taken the first time the teacher runs (the first training forward, or `instruction_target`); call this earlier
+    to take it from the weights as they are now. It is not a submodule: it neither trains nor saves, and it follows
+    the language model's device."""
     base = unwrap_peft(model)
     etc = base.etc
     teacher = getattr(etc, "frozen_teacher", None)

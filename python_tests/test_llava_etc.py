@@ -36,7 +36,7 @@ IMAGE_SIZE, PATCH = 16, 4
 N = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
 
 
-def tiny_llava(attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2):
+def tiny_llava(attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2, vocab_size=100, image_token_id=IMAGE):
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -44,9 +44,9 @@ def tiny_llava(attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2)
     )  # fmt: skip
     text = LlamaConfig(
         hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=256, pad_token_id=PAD,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=PAD,
     )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
     model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation(attn_implementation)
     model.generation_config.eos_token_id = None  # fixed-length generations
@@ -321,6 +321,38 @@ def test_generate_sampling_matches_a_sampling_loop():
             input_ids = torch.cat([input_ids, next_token], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     assert torch.equal(sequences, input_ids)
+
+
+def test_processor_outputs_go_in_unchanged():
+    """A real LlavaProcessor (chat template, '<image>' expansion, left padding): its outputs are the model's inputs
+    as they are, and generation decodes from a cache with M entries for the image."""
+    import numpy as np
+
+    from etc_ext.data import build_processor, num_image_tokens
+
+    processor = build_processor(image_size=IMAGE_SIZE, patch_size=PATCH)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    assert num_image_tokens(processor) == N
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    model = apply_etc(tiny_llava(vocab_size=len(tokenizer), image_token_id=image_token_id), small_config())
+    questions = ["What color is the square?", "How many?"]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in questions]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert bool((inputs["attention_mask"][:, 0] == 0).any())  # left padding
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        masked = model(**inputs).logits[:, -1]
+    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]], masked.argmax(-1))
+    length = inputs["input_ids"].shape[1]
+    assert all(layer.keys.shape[2] == length - N + 2 + 3 for layer in out.cache.layers)
 
 
 # ============================================================================ the bottleneck itself

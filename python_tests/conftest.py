@@ -24,3 +24,24 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------- training & evaluation
+# A tiny random LLaVA (real transformers classes) saved with its demo processor, and a small shapes data set, shared
+# by the training, evaluation and ETC-integration tests.
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    from etc_ext.models.tiny import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """Folder with train.json (8 images x 2 questions = 16 samples) and test.json (8 samples), images under it."""
+    from etc_ext.data import generate_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes_train")
+    generate_shapes_dataset(out, 8, seed=0, split="train", progress=False)
+    generate_shapes_dataset(out, 4, seed=0, split="test", progress=False)
+    return out

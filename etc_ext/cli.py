@@ -1,0 +1,204 @@
+"""The `etc-ext` command.
+
+```
+etc-ext train --model DIR --data JSON --output DIR [--etc-config JSON] [--lora] ...   fine-tune (torchrun for DDP/FSDP)
+etc-ext eval  --model DIR --data JSON [--etc DIR] [--json [PATH]] ...                 accuracy, tokens, KV cache, times
+etc-ext <command> --help                                                             every option
+```
+
+Under torchrun: `torchrun --nproc-per-node 4 -m etc_ext.cli train ...` (or `torchrun --nproc-per-node 4 $(which
+etc-ext) train ...`).
+
+Adding a subcommand is one function decorated with `@subcommand`: it receives argparse's subparsers, adds its parser
+and sets `handler` (a function of the parsed arguments returning an exit code). Options of an arguments dataclass
+(`TrainingArguments`, `EvalArguments`) come from its fields' metadata through `add_dataclass_arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def subcommand(function: Callable[[argparse._SubParsersAction], None]):
+    """Registers a function that adds one subcommand to the `etc-ext` parser."""
+    SUBCOMMANDS.append(function)
+    return function
+
+
+# ------------------------------------------------------------------------------------------- dataclass -> argparse
+def _unwrap_optional(annotation):
+    """`int | None` -> (int, True); `list[str]` -> (list[str], False)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one option per field of the dataclass `cls`: `--field-name` (or the field's `flag` metadata), typed from
+    the annotation, with the field's `help`, `choices` and `required` metadata, grouped by its `group` metadata.
+    Booleans that default to False are switches (`--lora`); those that default to True get a `--no-` form too."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        group_name = meta.get("group", "options")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        group = groups[group_name]
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        annotation, _ = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs = {"dest": f.name, "help": meta.get("help", "")}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            kwargs["default"] = default
+        elif typing.get_origin(annotation) is list:
+            (item_type,) = typing.get_args(annotation)
+            kwargs.update(type=item_type, nargs="*", default=default)
+        else:
+            kwargs.update(type=annotation, default=default)
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            if meta.get("required"):
+                kwargs["required"] = True
+            for key in ("nargs", "const"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+            if not meta.get("choices"):
+                kwargs["metavar"] = meta.get("metavar") or {int: "N", float: "X"}.get(annotation, "TEXT")
+        if kwargs.get("help") and kwargs.get("default") not in (None, False, []) and not meta.get("required"):
+            kwargs["help"] += f" (default: {default})"
+        if kwargs.get("metavar") is None:
+            kwargs.pop("metavar", None)
+        group.add_argument(flag, **kwargs)
+
+
+def dataclass_from_namespace(cls: type, namespace: argparse.Namespace):
+    """The dataclass `cls` built from the parsed options `add_dataclass_arguments` added."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("etc_ext").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------- subcommands
+@subcommand
+def train_command(subparsers) -> None:
+    from .train import TrainingArguments
+
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a VLM with ETC (or the full-token baseline) on LLaVA-format data",
+        description=(
+            "Fine-tune a Hugging Face VLM (a save_pretrained folder with its processor) on LLaVA-format "
+            "conversations: with --etc-config, ETC's compression tokens and distillation loss; without, the plain "
+            "model (full-token baseline). Runs alone or under torchrun (DDP, or FSDP with --fsdp); writes "
+            "metrics.jsonl, atomic checkpoints (--resume auto continues exactly) and the trained model in "
+            "OUTPUT/final."
+        ),
+        epilog="Several processes: torchrun --nproc-per-node N -m etc_ext.cli train ...",
+    )
+    add_dataclass_arguments(parser, TrainingArguments)
+
+    def handler(namespace) -> int:
+        from .train import train
+
+        summary = train(dataclass_from_namespace(TrainingArguments, namespace))
+        if not summary["is_main"]:
+            return 0
+        if summary.get("final_dir"):
+            print(f"trained {summary['global_step']} steps; model saved to {summary['final_dir']}")
+        else:
+            print(f"stopped at step {summary['global_step']}; checkpoint {summary['last_checkpoint']}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+@subcommand
+def eval_command(subparsers) -> None:
+    from .evaluate import EvalArguments
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model (plain or ETC) on LLaVA-format data: accuracy, visual tokens, KV cache, timings",
+        description=(
+            "Generate answers for a LLaVA-format eval file (the last gpt turn of each sample is the reference) and "
+            "report exact-match and multiple-choice accuracy, the visual tokens the decoder sees, the KV-cache "
+            "bytes after the prefill, and prefill and decode times. --model is a save_pretrained folder, or the "
+            "final/ folder of an `etc-ext train` run (ETC parts included)."
+        ),
+    )
+    add_dataclass_arguments(parser, EvalArguments)
+
+    def handler(namespace) -> int:
+        from .evaluate import format_report, run_eval
+
+        args = dataclass_from_namespace(EvalArguments, namespace)
+        result = run_eval(args)
+        if args.json is None:
+            print(format_report(result))
+        elif args.json == "-":
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"wrote {args.json}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etc-ext",
+        description="ETC (Extreme Token Compression) for vision-language models: training, evaluation, demo, "
+        "benchmarks.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    if getattr(namespace, "handler", None) is None:
+        parser.print_help()
+        return 2
+    _setup_logging(verbose=not namespace.quiet)
+    from .checkpointing import CheckpointError
+
+    try:
+        return namespace.handler(namespace)
+    except (ValueError, FileNotFoundError, CheckpointError, NotImplementedError) as error:
+        # these errors say what is wrong with the user's inputs: show the message, the traceback on request
+        if namespace.traceback:
+            raise
+        print(f"etc-ext {namespace.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

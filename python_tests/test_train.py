@@ -1,0 +1,347 @@
+"""Tests of the training pipeline (etc_ext.train, etc_ext.checkpointing, etc_ext.distributed) on a tiny random LLaVA,
+on the CPU: loss normalisation across processes (torchrun, gloo), exact resume after SIGKILL, damaged checkpoints,
+bad samples, LoRA, FSDP.
+
+The reference run trains 12 steps of global batch 4 (1 process x batch 2 x 2 accumulation steps, 16 samples: three
+epochs) with a checkpoint every 4 steps; the other runs are compared with it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from etc_ext.checkpointing import CheckpointError, latest_checkpoint, list_checkpoints
+from etc_ext.cli import main as cli_main
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+def run_env():
+    """Environment of training subprocesses: this source tree importable, one thread each (2 shared cores)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def train_argv(model_dir, data_dir, output, *extra, batch_size=2, grad_accum=2):
+    return [
+        "train", "--model", str(model_dir), "--data", os.path.join(data_dir, "train.json"), "--output", str(output),
+        "--max-steps", str(STEPS), "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--lr", "1e-3",
+        "--warmup-steps", "2", "--save-steps", "4", "--save-total-limit", "0", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def run_torchrun(runs, procs=2, timeout=300):
+    """Runs each `etc-ext` argv of `runs` in turn in every process of one torchrun job (gloo, `procs` processes)."""
+    worker = os.path.join(ROOT, "python_tests", "torchrun_train_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", worker]
+    result = subprocess.run(
+        [*command, json.dumps([[str(a) for a in argv] for argv in runs])], env=run_env(), capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+def run_in_process(argv):
+    """`etc-ext ...` in this process, single-threaded like the subprocesses (bitwise-comparable results)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli_main(["-q", *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_metrics(output):
+    with open(os.path.join(output, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(output):
+    return load_file(os.path.join(output, "final", "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        if atol == 0.0:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_llava_dir, shapes_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("reference") / "run"
+    assert run_in_process(train_argv(tiny_llava_dir, shapes_data, output)) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tiny_llava_dir, shapes_data, tmp_path_factory):
+    """One torchrun job of 2 gloo processes: a DDP run, an FSDP run, and an FSDP run resumed from the latter's
+    checkpoint at step 8, each with 2 processes x batch 2 = the reference's global batch of 4."""
+    root = tmp_path_factory.mktemp("torchrun")
+    outputs = {"ddp": root / "ddp", "fsdp": root / "fsdp", "fsdp_resumed": root / "fsdp_resumed"}
+    fsdp_checkpoint = outputs["fsdp"] / "checkpoints" / "checkpoint-00000008"
+    run_torchrun([
+        train_argv(tiny_llava_dir, shapes_data, outputs["ddp"], grad_accum=1),
+        train_argv(tiny_llava_dir, shapes_data, outputs["fsdp"], "--fsdp", grad_accum=1),
+        train_argv(tiny_llava_dir, shapes_data, outputs["fsdp_resumed"], "--fsdp", "--resume", fsdp_checkpoint,
+                   grad_accum=1),
+    ])  # fmt: skip
+    return outputs
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+def test_tiny_llava_matches_the_demo_processor(tiny_llava_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    from etc_ext.data import num_image_tokens
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir)
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    config = model.config
+    assert num_image_tokens(processor) == 144
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (168, 14)
+    assert config.vision_feature_select_strategy == "default"
+    assert config.image_token_id == processor.tokenizer.image_token_id
+    assert config.text_config.vocab_size == len(processor.tokenizer)
+    # one image becomes 144 image tokens, and the model accepts them
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (168, 168), "red")], return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 144
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_reference_run_outputs(reference_run, tiny_llava_dir):
+    from transformers import AutoModelForImageTextToText
+
+    records = read_metrics(reference_run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        for key in ("loss", "ce", "lr", "grad_norm", "tokens_per_s", "tokens", "label_tokens", "samples", "epoch"):
+            assert key in record, key
+        assert record["samples"] == 4 and record["tokens_per_s"] > 0 and record["label_tokens"] > 0
+        assert record["loss"] == record["ce"]  # no ETC: the loss is the cross-entropy
+    assert records[-1]["epoch"] == pytest.approx(3.0)
+    # warmup then cosine decay
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-3) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    checkpoints = list_checkpoints(os.path.join(reference_run, "checkpoints"))
+    assert [step for step, _ in checkpoints] == [4, 8, 12]
+    names = set(os.listdir(checkpoints[0][1]))
+    assert {"manifest.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt"} <= names
+    assert {"trainer_state.json"} <= names and not any(n.endswith(".tmp") for n in os.listdir(reference_run))
+
+    final = os.path.join(reference_run, "final")
+    with open(os.path.join(final, "training_info.json")) as f:
+        info = json.load(f)
+    assert info["base_model"] == os.path.abspath(tiny_llava_dir) and info["global_step"] == STEPS
+    trained = AutoModelForImageTextToText.from_pretrained(final)  # a complete model folder, a valid --model
+    start = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir)
+    trained_state, start_state = trained.state_dict(), start.state_dict()
+    vision = [n for n in start_state if "vision_tower" in n]
+    assert vision and all(torch.equal(trained_state[n], start_state[n]) for n in vision)  # frozen
+    assert not torch.equal(trained_state["lm_head.weight"], start_state["lm_head.weight"])
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def test_two_processes_follow_the_same_loss_curve(reference_run, torchrun_runs):
+    """2 processes x batch 2 (no accumulation) = the reference's global batch of 4: same samples per step, same
+    loss (normalised by the global number of label tokens), same weights up to float32 summation order."""
+    output = torchrun_runs["ddp"]
+    ddp, reference = read_metrics(output), read_metrics(reference_run)
+    assert [r["step"] for r in ddp] == list(range(1, STEPS + 1))
+    for a, b in zip(ddp, reference):
+        assert a["samples"] == b["samples"] == 4 and a["label_tokens"] == b["label_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(os.listdir(output / "checkpoints" / "checkpoint-00000004"))
+    assert_same_weights(final_weights(output), final_weights(reference_run), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(reference_run, tiny_llava_dir, shapes_data, tmp_path):
+    output = tmp_path / "killed"
+    argv = train_argv(tiny_llava_dir, shapes_data, output)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "etc_ext.cli", "-q", *argv], env=run_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    first = output / "checkpoints" / "checkpoint-00000004"
+    deadline = time.monotonic() + 180
+    try:
+        while not first.is_dir():
+            if process.poll() is not None:
+                pytest.fail(f"training ended before its first checkpoint:\n{process.stdout.read()[-4000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "final").exists(), "the run finished before it was killed: the test proves nothing"
+    completed = [step for step, _ in list_checkpoints(output / "checkpoints")]
+    assert completed and max(completed) < STEPS
+
+    assert run_in_process([*argv, "--resume", "auto"]) == 0
+    assert_same_weights(final_weights(output), final_weights(reference_run))
+    resumed, reference = read_metrics(output), read_metrics(reference_run)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # the killed run's extra records were dropped
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+def test_truncated_checkpoint_fails_clearly_and_the_previous_one_resumes(
+    reference_run, tiny_llava_dir, shapes_data, tmp_path
+):
+    output = tmp_path / "damaged"
+    os.makedirs(output / "checkpoints")
+    for step in (4, 8):
+        name = f"checkpoint-{step:08d}"
+        shutil.copytree(reference_run / "checkpoints" / name, output / "checkpoints" / name)
+    damaged = output / "checkpoints" / "checkpoint-00000008" / "model.safetensors"
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+
+    with pytest.raises(CheckpointError) as error:
+        latest_checkpoint(output / "checkpoints")
+    message = str(error.value)
+    assert "checkpoint-00000008" in message and "model.safetensors" in message and "truncated" in message
+    assert "checkpoint-00000004" in message  # names the usable previous checkpoint
+    # the CLI refuses to resume from it, with the same message and no traceback
+    argv = train_argv(tiny_llava_dir, shapes_data, output)
+    assert run_in_process([*argv, "--resume", "auto"]) == 1
+
+    # a damaged file whose size matches its manifest (rewritten in place) fails when loaded, also clearly
+    manifest_path = damaged.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["model.safetensors"] = os.path.getsize(damaged)
+    manifest_path.write_text(json.dumps(manifest))
+    from etc_ext.train import Trainer, TrainingArguments
+    from etc_ext.distributed import DistributedContext
+
+    args = TrainingArguments(
+        model=str(tiny_llava_dir), data=os.path.join(shapes_data, "train.json"), output_dir=str(output),
+        max_steps=STEPS, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=2,
+        save_steps=4, save_total_limit=0, progress=False, resume=str(damaged.parent),
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        Trainer(args, DistributedContext())._resume()
+
+    # the previous checkpoint is intact: resuming from it reproduces the reference run
+    shutil.rmtree(damaged.parent)
+    assert run_in_process([*argv, "--resume", str(output / "checkpoints" / "checkpoint-00000004")]) == 0
+    assert_same_weights(final_weights(output), final_weights(reference_run))
+
+
+def test_incomplete_checkpoint_folders_are_ignored_or_refused(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-00000010.tmp").mkdir(parents=True)  # a writer killed before its rename
+    assert latest_checkpoint(root) is None
+    (root / "checkpoint-00000020").mkdir()  # no manifest: never completed
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        latest_checkpoint(root)
+
+
+# ------------------------------------------------------------------------------------------------ bad samples
+def _bad_samples_file(shapes_data, tmp_path):
+    """train.json plus a sample with a missing image, one with a placeholder but no image, and one whose image file
+    exists but is not an image (first, so that an unshuffled run loads it)."""
+    with open(os.path.join(shapes_data, "train.json")) as f:
+        samples = json.load(f)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    conversation = samples[0]["conversations"]
+    bad = [
+        {"id": "corrupt-image", "image": str(corrupt), "conversations": conversation},
+        {"id": "missing-image", "image": "images/train/does-not-exist.png", "conversations": conversation},
+        {"id": "no-image", "conversations": conversation},
+    ]
+    path = tmp_path / "with_bad.json"
+    path.write_text(json.dumps(bad + samples))
+    return path
+
+
+def test_bad_samples_fail_clearly_or_are_skipped(tiny_llava_dir, shapes_data, tmp_path, caplog):
+    from etc_ext.data import BadSampleError
+    from etc_ext.train import TrainingArguments, train
+
+    data = _bad_samples_file(shapes_data, tmp_path)
+    common = dict(
+        model=str(tiny_llava_dir), data=str(data), image_root=str(shapes_data), max_steps=2,
+        per_device_batch_size=2, shuffle=False, save_steps=0, progress=False,
+    )  # fmt: skip
+    with pytest.raises(BadSampleError, match="missing-image.*not found"):
+        train(TrainingArguments(**common, output_dir=str(tmp_path / "strict")))
+
+    summary = train(TrainingArguments(**common, output_dir=str(tmp_path / "skip"), skip_bad=True))
+    assert summary["num_skipped"] == 2 and summary["global_step"] == 2
+    assert "corrupt-image" in caplog.text  # unreadable at load time: replaced by the next sample, with a warning
+    assert os.path.isfile(tmp_path / "skip" / "final" / "model.safetensors")
+
+    only_bad = tmp_path / "only_bad.json"
+    only_bad.write_text(json.dumps(json.loads(data.read_text())[1:3]))
+    with pytest.raises(ValueError, match="no usable samples"):
+        train(TrainingArguments(**{**common, "data": str(only_bad)}, output_dir=str(tmp_path / "none"),
+                                skip_bad=True))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def test_lora_trains_adapters_and_saves_a_merged_model(tiny_llava_dir, shapes_data, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    output = tmp_path / "lora"
+    argv = train_argv(tiny_llava_dir, shapes_data, output, "--lora", "--lora-rank", "4")
+    argv[argv.index("--max-steps") + 1] = "4"
+    assert run_in_process(argv) == 0
+    checkpoint = load_file(output / "checkpoints" / "checkpoint-00000004" / "model.safetensors")
+    assert checkpoint and all("lora_" in n or "multi_modal_projector" in n for n in checkpoint)
+    assert any("lora_A" in n for n in checkpoint)
+    assert os.path.isfile(output / "final" / "adapter" / "adapter_config.json")
+    merged = AutoModelForImageTextToText.from_pretrained(output / "final")
+    start = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir)
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[name], start.state_dict()[name])  # adapters merged in
+    assert not any("lora" in n for n in merged.state_dict())
+    assert read_metrics(output)[-1]["loss"] < read_metrics(output)[0]["loss"]
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+def test_fsdp_two_processes_match_and_resume(reference_run, torchrun_runs):
+    """FSDP2 (fully_shard) on 2 gloo processes: the reference's loss curve, and sharded checkpoints (DCP) that
+    resume to the same weights."""
+    output = torchrun_runs["fsdp"]
+    fsdp, reference = read_metrics(output), read_metrics(reference_run)
+    assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
+    for a, b in zip(fsdp, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+    checkpoint = output / "checkpoints" / "checkpoint-00000008"
+    assert os.path.isdir(checkpoint / "sharded") and not os.path.exists(checkpoint / "model.safetensors")
+    assert_same_weights(final_weights(output), final_weights(reference_run), atol=1e-5)
+
+    resumed = torchrun_runs["fsdp_resumed"]
+    assert_same_weights(final_weights(resumed), final_weights(output))
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(9, STEPS + 1))

@@ -1,0 +1,149 @@
+"""Tests of the evaluation pipeline (etc_ext.evaluate, `etc-ext eval`) and of the `etc-ext` command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from etc_ext.cli import build_parser, main as cli_main
+from etc_ext.evaluate import choice_letter, normalize_answer, parse_options, score_prediction
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MC_PROMPT = (
+    "<image>\nWhich shape is in row 1, column a?\nA. circle\nB. square\n(C) cross\nAnswer with the option's letter."
+)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def test_normalize_answer():
+    assert normalize_answer("  Red. ") == "red"
+    assert normalize_answer('"Two  circles!"') == "two circles"
+    assert normalize_answer("b3") == "b3"
+
+
+def test_parse_options_and_choice_letter():
+    options = parse_options(MC_PROMPT)
+    assert options == {"A": "circle", "B": "square", "C": "cross"}
+    assert parse_options("What color is it?") == {}
+    for text, expected in [("B", "B"), ("(B)", "B"), ("B. square", "B"), ("b", None), ("square", "B"),
+                           ("The answer is C.", "C"), ("D", None), ("triangle", None), ("", None)]:  # fmt: skip
+        assert choice_letter(text, options) == expected, text
+
+
+def test_score_prediction():
+    assert score_prediction("B.", "B", MC_PROMPT) == {"kind": "multiple_choice", "correct": True, "choice": "B"}
+    assert score_prediction("circle", "B", MC_PROMPT)["correct"] is False
+    assert score_prediction("Square", "square", MC_PROMPT)["kind"] == "multiple_choice"  # reference by option text
+    assert score_prediction("Red", "red", "<image>\nWhat color?") == {"kind": "exact_match", "correct": True,
+                                                                      "choice": None}  # fmt: skip
+    assert score_prediction("red circle", "red", "<image>\nWhat color?")["correct"] is False
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@pytest.fixture(scope="module")
+def eval_file(shapes_data, tmp_path_factory):
+    """The shapes test split plus one multiple-choice sample (prompts of different lengths: left padding)."""
+    with open(os.path.join(shapes_data, "test.json")) as f:
+        samples = json.load(f)
+    samples.append({
+        "id": "mc-0", "image": samples[0]["image"], "question_types": ["shape_mc"],
+        "conversations": [{"from": "human", "value": MC_PROMPT}, {"from": "gpt", "value": "A"}],
+    })  # fmt: skip
+    path = tmp_path_factory.mktemp("eval") / "eval.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def test_eval_json_reports_accuracy_tokens_cache_and_times(tiny_llava_dir, shapes_data, eval_file, tmp_path):
+    from transformers import AutoConfig
+
+    out, predictions = tmp_path / "result.json", tmp_path / "predictions.jsonl"
+    argv = ["-q", "eval", "--model", str(tiny_llava_dir), "--data", str(eval_file), "--image-root", str(shapes_data),
+            "--batch-size", "4", "--max-new-tokens", "3", "--json", str(out), "--predictions", str(predictions),
+            "--no-progress"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    expected = ["accuracy", "exact_match", "multiple_choice_accuracy", "num_samples", "per_type", "visual_tokens",
+                "visual_tokens_input", "kv_cache_bytes", "kv_cache_tokens", "prefill_ms", "decode_ms_per_token",
+                "prompt_tokens", "generated_tokens", "batch_size", "device", "dtype", "model", "data", "etc"]
+    assert not set(expected) - set(result)
+    assert result["num_samples"] == 9 and result["num_multiple_choice"] == 1 and result["num_exact_match"] == 8
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["per_type"]) >= {"shape_mc"} and sum(v["count"] for v in result["per_type"].values()) == 9
+    # the plain model: every image token reaches the decoder, one cache entry per prompt token (padding excluded)
+    assert result["visual_tokens"] == result["visual_tokens_input"] == 144
+    assert result["kv_cache_tokens"] == result["prompt_tokens"]
+    text = AutoConfig.from_pretrained(tiny_llava_dir).text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    bytes_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4  # K and V, float32
+    assert result["kv_cache_bytes"] == pytest.approx(result["kv_cache_tokens"] * bytes_per_token)
+    assert result["prefill_ms"] > 0 and result["decode_ms_per_token"] > 0
+    assert result["etc"] is None and result["num_compression_tokens"] is None
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(lines) == 9 and {"id", "prediction", "answer", "correct", "kind", "type"} <= set(lines[0])
+    assert sum(p["correct"] for p in lines) / 9 == pytest.approx(result["accuracy"])
+
+
+def test_eval_prints_json_to_stdout(tiny_llava_dir, shapes_data, eval_file, capsys):
+    argv = ["-q", "eval", "--model", str(tiny_llava_dir), "--data", str(eval_file), "--image-root", str(shapes_data),
+            "--num-samples", "2", "--max-new-tokens", "1", "--warmup", "0", "--json", "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 2 and result["decode_ms_per_token"] is None  # one token: no decoding step
+
+
+def test_eval_of_a_missing_model_fails_clearly(shapes_data, eval_file, tmp_path, capsys):
+    argv = ["eval", "--model", str(tmp_path / "nowhere"), "--data", str(eval_file)]
+    assert cli_main(argv) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_help_lists_the_subcommands_and_options():
+    parser = build_parser()
+    help_text = parser.format_help()
+    assert "train" in help_text and "eval" in help_text
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    train_help = subparsers.choices["train"].format_help()
+    for option in ("--model", "--data", "--image-root", "--output", "--etc-config", "--lora", "--resume", "--fsdp",
+                   "--skip-bad", "--grad-accum", "--save-steps", "--precision"):  # fmt: skip
+        assert option in train_help, option
+    eval_help = subparsers.choices["eval"].format_help()
+    for option in ("--model", "--etc", "--data", "--json", "--batch-size", "--max-new-tokens"):
+        assert option in eval_help, option
+
+
+def test_cli_parses_into_training_arguments():
+    from etc_ext.cli import dataclass_from_namespace
+    from etc_ext.train import TrainingArguments
+
+    namespace = build_parser().parse_args(
+        ["train", "--model", "m", "--data", "d.json", "--output", "o", "--lora", "--no-shuffle", "--batch-size", "3",
+         "--lora-modules-to-save", "--resume", "auto"]  # fmt: skip
+    )
+    args = dataclass_from_namespace(TrainingArguments, namespace)
+    assert (args.model, args.data, args.output_dir, args.per_device_batch_size) == ("m", "d.json", "o", 3)
+    assert args.lora and not args.shuffle and args.lora_modules_to_save == [] and args.resume == "auto"
+    assert args.etc_config is None and args.save_total_limit == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d.json", "--output", "o"])  # --model is required
+
+
+def test_console_script_entry_point():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["etc-ext"] == "etc_ext.cli:main"
+    result = subprocess.run([sys.executable, "-m", "etc_ext.cli", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "etc-ext" in result.stdout

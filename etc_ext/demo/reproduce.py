@@ -1,0 +1,249 @@
+"""Reproduces every checkpoint of the demo from scratch with the public training pipeline (`etc_ext.train.train`).
+
+```
+python -m etc_ext.demo.reproduce --work runs/demo --install     # data, 6 training runs, validation, packing
+python scripts/reproduce_demo.py --work runs/demo --install     # the same
+```
+
+Steps (each skipped when its output exists, so an interrupted run continues; training runs resume from their last
+checkpoint):
+
+1. generate the shapes data (`recipe.data_kwargs`): `train` (multi-turn) and `val` (single-turn) splits under
+   `WORK/data`; the `test` split is never touched here;
+2. write the tiny LLaVA with random weights to `WORK/init` (`etc_ext.models.tiny.save_tiny_llava`);
+3. train the full-token model from it, then each ETC variant from the trained full-token model
+   (`etc_ext.train.train(TrainingArguments(...))`, arguments from `recipe.RUNS`), into `WORK/runs/<name>/`;
+4. evaluate every run on the validation split (`WORK/runs/<name>/val.json`);
+5. pack the runs in fp16 (`etc_ext.demo.artifacts`) into `--dest` (with `--install`: the package's
+   `etc_ext/demo/checkpoints/`, which the demo reads), with `manifest.json`.
+
+`--max-steps`, `--num-train-images` and `--num-val-images` shrink the recipe (tests, quick looks); the manifest
+records what was actually run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+
+from . import recipe
+from .artifacts import CHECKPOINT_DIR, FULL_NAME, MANIFEST_NAME, folder_bytes, pack_etc, pack_full
+
+
+logger = logging.getLogger(__name__)
+
+
+def generate_data(work: str, num_train_images: int, num_val_images: int, progress: bool = True) -> str:
+    """Writes the train and val splits under `WORK/data` (reused when present with the same parameters)."""
+    from ..data import generate_shapes_dataset
+
+    data_dir = os.path.join(work, "data")
+    for split, num_images in (("train", num_train_images), ("val", num_val_images)):
+        kwargs = recipe.data_kwargs(split)
+        params_path = os.path.join(data_dir, f"{split}_scenes.json")
+        if os.path.isfile(params_path) and os.path.isfile(os.path.join(data_dir, f"{split}.json")):
+            with open(params_path) as f:
+                params = json.load(f)["params"]
+            if params["num_images"] == num_images and params["grid_sizes"] == list(kwargs["grid_sizes"]) and params[
+                "question_types"
+            ] == list(kwargs["question_types"]) and params["multi_turn"] == kwargs["multi_turn"]:
+                continue
+        generate_shapes_dataset(data_dir, num_images, progress=progress, **kwargs)
+    return data_dir
+
+
+def training_arguments(run: recipe.Run, work: str, model_dir: str, max_steps: int | None, progress: bool):
+    from ..train import TrainingArguments
+
+    options = dict(run.training)
+    if max_steps is not None:
+        options["max_steps"] = max_steps
+    return TrainingArguments(
+        model=model_dir,
+        data=os.path.join(work, "data", "train.json"),
+        output_dir=os.path.join(work, "runs", run.name),
+        etc_config=json.dumps(run.etc) if run.etc is not None else None,
+        device="cpu",
+        precision="fp32",
+        save_steps=100,
+        save_total_limit=1,
+        resume="auto",
+        logging_steps=10,
+        progress=progress,
+        **options,
+    )
+
+
+def final_dir(work: str, name: str) -> str:
+    return os.path.join(work, "runs", name, "final")
+
+
+def train_run(run: recipe.Run, work: str, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Trains one run of the recipe (the full model from `WORK/init`, an ETC variant from the full model) unless
+    its `final/` folder exists. Returns `{"name", "train_time_s", "global_step", "metrics"}`."""
+    from ..train import train
+
+    done = os.path.join(final_dir(work, run.name), "training_info.json")
+    if not os.path.isfile(done):
+        model_dir = os.path.join(work, "init") if run.etc is None else final_dir(work, FULL_NAME)
+        start = time.perf_counter()
+        summary = train(training_arguments(run, work, model_dir, max_steps, progress))
+        if summary["final_dir"] is None:
+            raise RuntimeError(f"training of {run.name} stopped early at step {summary['global_step']}")
+        with open(os.path.join(work, "runs", run.name, "train_time.json"), "w") as f:
+            json.dump({"train_time_s": time.perf_counter() - start}, f)
+    with open(done) as f:
+        info = json.load(f)
+    time_path = os.path.join(work, "runs", run.name, "train_time.json")
+    train_time = json.load(open(time_path))["train_time_s"] if os.path.isfile(time_path) else None
+    return {"name": run.name, "train_time_s": train_time, "global_step": info["global_step"],
+            "metrics": info["final_metrics"]}  # fmt: skip
+
+
+def validate_run(run: recipe.Run, work: str, batch_size: int = 32, progress: bool = True) -> dict:
+    """Accuracy of a trained run on the validation split (`WORK/runs/<name>/val.json`, reused when present)."""
+    from ..data import ConversationDataset
+    from ..evaluate import evaluate
+    from ..models.loading import load_for_inference
+
+    path = os.path.join(work, "runs", run.name, "val.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    if run.etc is None:
+        model, processor, _ = load_for_inference(final_dir(work, run.name))
+    else:
+        model, processor, _ = load_for_inference(final_dir(work, FULL_NAME), final_dir(work, run.name))
+    dataset = ConversationDataset(os.path.join(work, "data", "val.json"), processor, mode="eval")
+    result = evaluate(model, processor, dataset, batch_size=batch_size, max_new_tokens=4, warmup=0,
+                      progress=progress)  # fmt: skip
+    metrics = {k: result["metrics"][k] for k in ("accuracy", "per_type", "num_samples", "visual_tokens")}
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def pack(work: str, dest: str, runs, summaries: dict, validation: dict, settings: dict) -> dict:
+    """Packs the trained runs into `dest` (fp16) and writes its manifest. Returns the manifest."""
+    os.makedirs(dest, exist_ok=True)
+    files = {}
+    for run in runs:
+        out = os.path.join(dest, run.name)
+        if run.etc is None:
+            pack_full(final_dir(work, run.name), out)
+        else:
+            pack_etc(final_dir(work, run.name), out)
+        files[run.name] = {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))}
+    from .. import __version__
+
+    manifest = {
+        "etc_ext_version": __version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python -m etc_ext.demo.reproduce " + " ".join(settings["argv"]),
+        "settings": {k: v for k, v in settings.items() if k != "argv"},
+        "recipe": {
+            "data_seed": recipe.DATA_SEED,
+            "grid_sizes": list(recipe.GRID_SIZES),
+            "question_types": list(recipe.QUESTION_TYPES),
+            "answer_prompt": recipe.ANSWER_PROMPT,
+            "model_seed": recipe.MODEL_SEED,
+            "sizes": vars(recipe.SIZES).copy(),
+        },
+        "runs": {
+            run.name: {
+                **run.to_dict(),
+                "training_summary": summaries.get(run.name),
+                "val": validation.get(run.name),
+                "files": files[run.name],
+                "bytes": folder_bytes(os.path.join(dest, run.name)),
+            }
+            for run in runs
+        },
+        "total_bytes": sum(folder_bytes(os.path.join(dest, run.name)) for run in runs),
+    }
+    with open(os.path.join(dest, MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def reproduce(
+    work: str,
+    dest: str | None = None,
+    runs: list[str] | None = None,
+    max_steps: int | None = None,
+    num_train_images: int | None = None,
+    num_val_images: int | None = None,
+    progress: bool = True,
+    argv: list[str] | None = None,
+) -> dict:
+    """Runs the recipe (see the module docstring); returns the manifest (written to `dest` when given)."""
+    from ..models.tiny import save_tiny_llava
+    from ..data import build_processor
+
+    selected = [recipe.run_by_name(name) for name in runs] if runs else list(recipe.RUNS)
+    if any(r.etc is not None for r in selected) and recipe.FULL not in selected:
+        if not os.path.isdir(final_dir(work, FULL_NAME)):
+            raise ValueError("the ETC runs start from the full-token model: include 'full' in --runs or train it first")
+    num_train_images = num_train_images or recipe.NUM_TRAIN_IMAGES
+    num_val_images = num_val_images or recipe.NUM_VAL_IMAGES
+    os.makedirs(work, exist_ok=True)
+    generate_data(work, num_train_images, num_val_images, progress)
+    init_dir = os.path.join(work, "init")
+    if not os.path.isfile(os.path.join(init_dir, "config.json")):
+        save_tiny_llava(init_dir, build_processor(), recipe.SIZES, recipe.MODEL_SEED)
+
+    summaries, validation = {}, {}
+    for run in selected:
+        logger.info("run %s", run.name)
+        summaries[run.name] = train_run(run, work, max_steps, progress)
+        validation[run.name] = validate_run(run, work, progress=progress)
+        print(f"{run.name}: {summaries[run.name]['global_step']} steps, val accuracy "
+              f"{validation[run.name]['accuracy']:.3f}", flush=True)  # fmt: skip
+    settings = {"max_steps": max_steps, "num_train_images": num_train_images, "num_val_images": num_val_images,
+                "argv": argv or []}  # fmt: skip
+    if dest is None:
+        return {"runs": {name: {"training_summary": summaries[name], "val": validation[name]} for name in summaries}}
+    if {r.name for r in selected} != {r.name for r in recipe.RUNS}:
+        raise ValueError("packing needs every run of the recipe (omit --runs)")
+    return pack(work, dest, selected, summaries, validation, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m etc_ext.demo.reproduce",
+        description="Train every checkpoint of `etc-ext demo` from scratch (etc_ext.train) and pack them in fp16.",
+    )
+    parser.add_argument("--work", required=True, help="working folder: data, training runs (resumable)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--dest", help="write the packed checkpoints and manifest.json here")
+    target.add_argument("--install", action="store_true", help=f"write them into the package ({CHECKPOINT_DIR})")
+    parser.add_argument("--runs", nargs="+", choices=[r.name for r in recipe.RUNS], help="train only these runs")
+    parser.add_argument("--max-steps", type=int, help="override every run's steps (tests, quick looks)")
+    parser.add_argument("--num-train-images", type=int, help=f"default {recipe.NUM_TRAIN_IMAGES}")
+    parser.add_argument("--num-val-images", type=int, help=f"default {recipe.NUM_VAL_IMAGES}")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dest = CHECKPOINT_DIR if args.install else args.dest
+    manifest = reproduce(args.work, dest, args.runs, args.max_steps, args.num_train_images, args.num_val_images,
+                         not args.no_progress, argv)  # fmt: skip
+    if dest is not None:
+        print(f"packed {len(manifest['runs'])} checkpoints, {manifest['total_bytes'] / 2**20:.1f} MiB, into {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

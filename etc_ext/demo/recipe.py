@@ -4,14 +4,21 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
 `etc_ext.demo.run` (which evaluates them), so that what the demo reports is what the recipe says.
 
 - Data: `etc_ext.data.shapes` scenes on a 3x3 grid, 168 px images (144 visual tokens with patch 14), the five
-  question types, no answer prompt (the questions already ask for one word). Training samples are multi-turn (one
-  image, one question of each type), so the 144 visual tokens are paid once per five questions; validation and test
-  samples are single-turn, one question per sample, as the demo asks them. Splits are disjoint by scene (see
-  `etc_ext.data.shapes`): model choices read the validation split, the test split is only reported.
+  question types, no answer prompt (the questions already ask for one word). Validation and test samples are made by
+  `generate_shapes_dataset` (2 to 6 objects, two single-turn questions per image), as the demo asks them. Training
+  samples (`etc_ext.demo.data`) are multi-turn, one image with up to 16 questions, so the 144 visual tokens are paid
+  once per image; they come from the train split's scenes only. Splits are disjoint by scene: model choices read the
+  validation split, the test split is only reported.
 - Model: a LLaVA-1.5 architecture (`transformers` CLIP vision tower, two-layer MLP projector, Llama language model)
-  with random initial weights (`etc_ext.models.tiny`).
-- Runs: the full-token model trains everything (vision tower included) from scratch; every ETC variant starts from
-  it and trains the projector, the language model and the ETC parts with the vision tower frozen, as in the paper.
+  with random initial weights (`etc_ext.models.tiny`). Hugging Face's `initializer_range=0.02` is meant for widths in
+  the thousands; at width 128 it leaves every layer close to the identity, so the language model and projector start
+  from `INITIALIZER_RANGE` (GPT-2's 0.02 at width 768 scaled by sqrt(768 / 128)); the CLIP tower keeps its own
+  width-aware initialisation, with 2-D sine-cosine position embeddings (as MAE's) so that where a patch is is visible
+  from the first step.
+- Runs: the full-token model trains everything (vision tower included) from scratch on a curriculum (`etc_ext.demo.data`
+  explains why): one-object scenes, then two objects, then two or three, then two to six, in that order; every ETC
+  variant starts from it and trains the projector, the language model and the ETC parts on two to six objects with
+  the vision tower frozen, as in the paper.
 """
 
 from __future__ import annotations
@@ -25,16 +32,20 @@ DATA_SEED = 0
 GRID_SIZES = (3,)
 QUESTION_TYPES = ("color", "shape", "where", "count", "exists")
 ANSWER_PROMPT = None  # the questions ask for a one-word answer already; no LLaVA short-answer suffix
-NUM_TRAIN_IMAGES = 6000  # multi-turn samples, one question of each type per image
+# Training data (`etc_ext.demo.data.generate_training_data`): (images, min objects, max objects) per block, in order.
+CURRICULUM_BLOCKS = ((3200, 1, 1), (6400, 2, 2), (6400, 2, 3), (9600, 2, 6))  # the full-token model, shuffle=False
+ETC_BLOCKS = ((6400, 2, 6),)  # the ETC variants
 NUM_VAL_IMAGES = 150  # x 2 questions, single-turn: model selection
 NUM_TEST_IMAGES = 150  # x 2 questions, single-turn: what the demo reports
 EVAL_QUESTIONS_PER_IMAGE = 2
 
 MODEL_SEED = 0
+INITIALIZER_RANGE = 0.05  # language model and projector: 0.02 * sqrt(768 / 128) (see the module docstring)
+POSITION_SCALE = 0.5  # 2-D sine-cosine position embeddings of the vision tower, next to patch embeddings of std ~0.7
 SIZES = TinyLlavaSizes(
     vision_hidden_size=64,
     vision_intermediate_size=256,
-    vision_layers=2,
+    vision_layers=3,  # LLaVA reads the second to last layer: two layers in use
     vision_heads=2,
     text_hidden_size=128,
     text_intermediate_size=512,
@@ -59,14 +70,20 @@ class Run:
     Attributes:
         name: folder of its checkpoint under `etc_ext/demo/checkpoints/` (and of its run under the reproduce output).
         label: how the demo's table names it.
-        etc: the `ETCConfig` fields (None: the full-token model).
+        etc: the `ETCConfig` fields (None: a plain model).
         training: `etc_ext.train.TrainingArguments` fields of the run.
+        start: the model it starts from: "init" (random weights) or the name of an earlier run.
+        data: its training data, `<data>.json` of the reproduce script's data folder: "curriculum" or "train".
+        shipped: whether its checkpoint ships with the package.
     """
 
     name: str
     label: str
     etc: dict | None
     training: dict = field(default_factory=dict)
+    start: str = "full"
+    data: str = "train"
+    shipped: bool = True
 
     @property
     def num_compression_tokens(self) -> int | None:
@@ -79,17 +96,18 @@ class Run:
 FULL_TRAINING = {
     "train_vision_tower": True,
     "per_device_batch_size": 16,
-    "max_steps": 1200,
+    "max_steps": sum(block[0] for block in CURRICULUM_BLOCKS) // 16,  # one pass, in curriculum order
+    "shuffle": False,
     "learning_rate": 2e-3,
-    "warmup_ratio": 0.05,
-    "min_lr_ratio": 0.05,
+    "warmup_ratio": 0.02,
+    "min_lr_ratio": 0.1,
     "weight_decay": 0.0,
     "seed": 0,
 }
 ETC_TRAINING = {
     "train_vision_tower": False,
     "per_device_batch_size": 16,
-    "max_steps": 400,
+    "max_steps": sum(block[0] for block in ETC_BLOCKS) // 16,
     "learning_rate": 5e-4,
     "etc_learning_rate": 2e-3,
     "warmup_ratio": 0.05,
@@ -112,7 +130,7 @@ def _etc(m: int, loss: str) -> dict:
     }
 
 
-FULL = Run("full", "full model", None, FULL_TRAINING)
+FULL = Run("full", "full model", None, FULL_TRAINING, start="init", data="curriculum")
 ETC_RUNS = (
     Run("etc-m1-vid", "ETC (VID)", _etc(1, "vid"), ETC_TRAINING),
     Run("etc-m4-vid", "ETC (VID)", _etc(4, "vid"), ETC_TRAINING),
@@ -120,7 +138,8 @@ ETC_RUNS = (
     Run("etc-m1-mse", "ETC (MSE)", _etc(1, "mse"), ETC_TRAINING),
     Run("etc-m1-none", "ETC (no reconstruction)", _etc(1, "none"), ETC_TRAINING),
 )
-RUNS = (FULL, *ETC_RUNS)
+RUNS = (FULL, *ETC_RUNS)  # in training order
+SHIPPED_RUNS = tuple(run for run in RUNS if run.shipped)
 
 
 def run_by_name(name: str) -> Run:
@@ -130,19 +149,72 @@ def run_by_name(name: str) -> Run:
     raise ValueError(f"unknown demo run {name!r}, expected one of {[r.name for r in RUNS]}")
 
 
-def data_kwargs(split: str) -> dict:
-    """`generate_shapes_dataset` arguments of a split (besides `out_dir` and `num_images`)."""
-    common = {
+def eval_data_kwargs(split: str) -> dict:
+    """`generate_shapes_dataset` arguments of the `val` or `test` split (besides `out_dir` and `num_images`)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"the evaluation splits are val and test, got {split!r}")
+    return {
         "seed": DATA_SEED,
         "split": split,
         "grid_sizes": GRID_SIZES,
         "question_types": QUESTION_TYPES,
         "answer_prompt": ANSWER_PROMPT,
+        "questions_per_image": EVAL_QUESTIONS_PER_IMAGE,
+        "multi_turn": False,
     }
-    if split == "train":
-        return {**common, "questions_per_image": len(QUESTION_TYPES), "multi_turn": True}
-    return {**common, "questions_per_image": EVAL_QUESTIONS_PER_IMAGE, "multi_turn": False}
 
 
-def default_num_images(split: str) -> int:
-    return {"train": NUM_TRAIN_IMAGES, "val": NUM_VAL_IMAGES, "test": NUM_TEST_IMAGES}[split]
+def training_data_kwargs(name: str) -> dict:
+    """`etc_ext.demo.data.generate_training_data` arguments of a training set (besides `out_dir`)."""
+    return {
+        "blocks": TRAINING_DATA[name],
+        "name": name,
+        "seed": DATA_SEED,
+        "grid_sizes": GRID_SIZES,
+        "question_types": QUESTION_TYPES,
+        "every_object": True,
+        "answer_prompt": ANSWER_PROMPT,
+    }
+
+
+TRAINING_DATA = {"curriculum": CURRICULUM_BLOCKS, "train": ETC_BLOCKS}
+
+
+def build_initial_model(processor=None, seed: int = MODEL_SEED):
+    """The tiny LLaVA with random weights that the recipe starts from: `etc_ext.models.tiny` sizes `SIZES`, language
+    model and projector initialised with `INITIALIZER_RANGE`. Returns `(model, processor)`."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from ..models.tiny import build_tiny_llava, tiny_llava_config
+
+    reference, processor = build_tiny_llava(processor, SIZES, seed)  # checks processor and model agree
+    config = tiny_llava_config(processor, SIZES)
+    config.text_config.initializer_range = INITIALIZER_RANGE
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    embeddings = model.model.vision_tower.embeddings
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    with torch.no_grad():  # [CLS] at 0, then the patches row by row
+        embeddings.position_embedding.weight[1:] = sincos_2d(grid, config.vision_config.hidden_size, POSITION_SCALE)
+        embeddings.position_embedding.weight[0] = 0.0
+    model.generation_config = reference.generation_config
+    return model.eval(), processor
+
+
+def sincos_2d(grid: int, dim: int, scale: float = 1.0):
+    """`(grid * grid, dim)` 2-D sine-cosine position embeddings, row-major: half the channels encode the row, half the
+    column, each as sines and cosines of `dim // 4` frequencies (MAE's `get_2d_sincos_pos_embed`), times `scale`."""
+    import torch
+
+    if dim % 4:
+        raise ValueError(f"the vision hidden size must be a multiple of 4 for 2-D sine-cosine positions, got {dim}")
+    quarter = dim // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    angles = torch.arange(grid, dtype=torch.float32)[:, None] * frequencies[None]  # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim // 2)
+    rows = axis[:, None].expand(grid, grid, dim // 2)
+    cols = axis[None].expand(grid, grid, dim // 2)
+    return scale * torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)

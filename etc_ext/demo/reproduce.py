@@ -8,17 +8,19 @@ python scripts/reproduce_demo.py --work runs/demo --install     # the same
 Steps (each skipped when its output exists, so an interrupted run continues; training runs resume from their last
 checkpoint):
 
-1. generate the shapes data (`recipe.data_kwargs`): `train` (multi-turn) and `val` (single-turn) splits under
-   `WORK/data`; the `test` split is never touched here;
-2. write the tiny LLaVA with random weights to `WORK/init` (`etc_ext.models.tiny.save_tiny_llava`);
-3. train the full-token model from it, then each ETC variant from the trained full-token model
-   (`etc_ext.train.train(TrainingArguments(...))`, arguments from `recipe.RUNS`), into `WORK/runs/<name>/`;
+1. generate the data under `WORK/data`: the training sets of `recipe.TRAINING_DATA` (`etc_ext.demo.data`: the
+   full model's curriculum and the ETC variants' set, train-split scenes only) and the `val` split
+   (`generate_shapes_dataset`); the `test` split is never touched here;
+2. write the tiny LLaVA with random weights to `WORK/init` (`recipe.build_initial_model`);
+3. train the runs of `recipe.RUNS` in order, each from the model its `start` names (`etc_ext.train.train(
+   TrainingArguments(...))`) into `WORK/runs/<name>/`: the full-token model from random weights, then each ETC
+   variant from the trained full-token model;
 4. evaluate every run on the validation split (`WORK/runs/<name>/val.json`);
 5. pack the runs in fp16 (`etc_ext.demo.artifacts`) into `--dest` (with `--install`: the package's
    `etc_ext/demo/checkpoints/`, which the demo reads), with `manifest.json`.
 
-`--max-steps`, `--num-train-images` and `--num-val-images` shrink the recipe (tests, quick looks); the manifest
-records what was actually run.
+`--max-steps`, `--data-scale` and `--num-val-images` shrink the recipe (tests, quick looks); the manifest records
+what was actually run.
 """
 
 from __future__ import annotations
@@ -31,40 +33,66 @@ import shutil
 import time
 
 from . import recipe
-from .artifacts import CHECKPOINT_DIR, FULL_NAME, MANIFEST_NAME, folder_bytes, pack_etc, pack_full
+from .artifacts import CHECKPOINT_DIR, MANIFEST_NAME, folder_bytes, pack_etc, pack_full
 
 
 logger = logging.getLogger(__name__)
 
 
-def generate_data(work: str, num_train_images: int, num_val_images: int, progress: bool = True) -> str:
-    """Writes the train and val splits under `WORK/data` (reused when present with the same parameters)."""
+def _scaled_blocks(blocks, scale: float) -> tuple:
+    return tuple((max(1, round(n * scale)), low, high) for n, low, high in blocks)
+
+
+def generate_data(work: str, data_scale: float = 1.0, num_val_images: int | None = None) -> str:
+    """Writes the training sets (`recipe.TRAINING_DATA`, images scaled by `data_scale`) and the val split under
+    `WORK/data`; each is reused when present with the same parameters (`WORK/data/params.json`)."""
     from ..data import generate_shapes_dataset
+    from .data import generate_training_data
 
     data_dir = os.path.join(work, "data")
-    for split, num_images in (("train", num_train_images), ("val", num_val_images)):
-        kwargs = recipe.data_kwargs(split)
-        params_path = os.path.join(data_dir, f"{split}_scenes.json")
-        if os.path.isfile(params_path) and os.path.isfile(os.path.join(data_dir, f"{split}.json")):
-            with open(params_path) as f:
-                params = json.load(f)["params"]
-            if params["num_images"] == num_images and params["grid_sizes"] == list(kwargs["grid_sizes"]) and params[
-                "question_types"
-            ] == list(kwargs["question_types"]) and params["multi_turn"] == kwargs["multi_turn"]:
-                continue
-        generate_shapes_dataset(data_dir, num_images, progress=progress, **kwargs)
+    os.makedirs(data_dir, exist_ok=True)
+    params_path = os.path.join(data_dir, "params.json")
+    done = json.load(open(params_path)) if os.path.isfile(params_path) else {}
+    wanted = {}
+    for name in recipe.TRAINING_DATA:
+        kwargs = recipe.training_data_kwargs(name)
+        kwargs["blocks"] = _scaled_blocks(kwargs["blocks"], data_scale)
+        wanted[name] = json.loads(json.dumps(kwargs))
+        if done.get(name) != wanted[name] or not os.path.isfile(os.path.join(data_dir, f"{name}.json")):
+            logger.info("generating %s: %s", name, kwargs["blocks"])
+            generate_training_data(data_dir, **kwargs)
+            done[name] = wanted[name]
+            atomic_json(params_path, done)
+    kwargs = recipe.eval_data_kwargs("val")
+    wanted["val"] = json.loads(json.dumps({**kwargs, "num_images": num_val_images or recipe.NUM_VAL_IMAGES}))
+    if done.get("val") != wanted["val"] or not os.path.isfile(os.path.join(data_dir, "val.json")):
+        generate_shapes_dataset(data_dir, wanted["val"]["num_images"], progress=False, **kwargs)
+        done["val"] = wanted["val"]
+        atomic_json(params_path, done)
     return data_dir
 
 
-def training_arguments(run: recipe.Run, work: str, model_dir: str, max_steps: int | None, progress: bool):
+def atomic_json(path: str, data) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def start_dir(work: str, run: recipe.Run) -> str:
+    """The model folder a run starts from."""
+    return os.path.join(work, "init") if run.start == "init" else final_dir(work, run.start)
+
+
+def training_arguments(run: recipe.Run, work: str, max_steps: int | None = None, progress: bool = True):
+    """The `etc_ext.train.TrainingArguments` of one run of the recipe."""
     from ..train import TrainingArguments
 
     options = dict(run.training)
     if max_steps is not None:
         options["max_steps"] = max_steps
     return TrainingArguments(
-        model=model_dir,
-        data=os.path.join(work, "data", "train.json"),
+        model=start_dir(work, run),
+        data=os.path.join(work, "data", f"{run.data}.json"),
         output_dir=os.path.join(work, "runs", run.name),
         etc_config=json.dumps(run.etc) if run.etc is not None else None,
         device="cpu",
@@ -83,15 +111,16 @@ def final_dir(work: str, name: str) -> str:
 
 
 def train_run(run: recipe.Run, work: str, max_steps: int | None = None, progress: bool = True) -> dict:
-    """Trains one run of the recipe (the full model from `WORK/init`, an ETC variant from the full model) unless
-    its `final/` folder exists. Returns `{"name", "train_time_s", "global_step", "metrics"}`."""
+    """Trains one run of the recipe from the model its `start` names, unless its `final/` folder exists. Returns
+    `{"name", "train_time_s", "global_step", "metrics"}`."""
     from ..train import train
 
     done = os.path.join(final_dir(work, run.name), "training_info.json")
     if not os.path.isfile(done):
-        model_dir = os.path.join(work, "init") if run.etc is None else final_dir(work, FULL_NAME)
+        if not os.path.isfile(os.path.join(start_dir(work, run), "config.json")):
+            raise ValueError(f"run {run.name} starts from {run.start}, which is not trained yet (include it in --runs)")
         start = time.perf_counter()
-        summary = train(training_arguments(run, work, model_dir, max_steps, progress))
+        summary = train(training_arguments(run, work, max_steps, progress))
         if summary["final_dir"] is None:
             raise RuntimeError(f"training of {run.name} stopped early at step {summary['global_step']}")
         with open(os.path.join(work, "runs", run.name, "train_time.json"), "w") as f:
@@ -117,7 +146,7 @@ def validate_run(run: recipe.Run, work: str, batch_size: int = 32, progress: boo
     if run.etc is None:
         model, processor, _ = load_for_inference(final_dir(work, run.name))
     else:
-        model, processor, _ = load_for_inference(final_dir(work, FULL_NAME), final_dir(work, run.name))
+        model, processor, _ = load_for_inference(start_dir(work, run), final_dir(work, run.name))
     dataset = ConversationDataset(os.path.join(work, "data", "val.json"), processor, mode="eval")
     result = evaluate(model, processor, dataset, batch_size=batch_size, max_new_tokens=4, warmup=0,
                       progress=progress)  # fmt: skip
@@ -131,6 +160,7 @@ def pack(work: str, dest: str, runs, summaries: dict, validation: dict, settings
     """Packs the trained runs into `dest` (fp16) and writes its manifest. Returns the manifest."""
     os.makedirs(dest, exist_ok=True)
     files = {}
+    runs = [run for run in runs if run.shipped]
     for run in runs:
         out = os.path.join(dest, run.name)
         if run.etc is None:
@@ -151,8 +181,11 @@ def pack(work: str, dest: str, runs, summaries: dict, validation: dict, settings
             "question_types": list(recipe.QUESTION_TYPES),
             "answer_prompt": recipe.ANSWER_PROMPT,
             "model_seed": recipe.MODEL_SEED,
+            "initializer_range": recipe.INITIALIZER_RANGE,
             "sizes": vars(recipe.SIZES).copy(),
         },
+        "stages": {name: {"training_summary": summaries.get(name), "val": validation.get(name)}
+                   for name in summaries if not recipe.run_by_name(name).shipped},  # fmt: skip
         "runs": {
             run.name: {
                 **run.to_dict(),
@@ -175,26 +208,23 @@ def reproduce(
     dest: str | None = None,
     runs: list[str] | None = None,
     max_steps: int | None = None,
-    num_train_images: int | None = None,
+    data_scale: float = 1.0,
     num_val_images: int | None = None,
     progress: bool = True,
     argv: list[str] | None = None,
 ) -> dict:
-    """Runs the recipe (see the module docstring); returns the manifest (written to `dest` when given)."""
-    from ..models.tiny import save_tiny_llava
-    from ..data import build_processor
+    """Runs the recipe (see the module docstring); returns the manifest (written to `dest` when given).
 
-    selected = [recipe.run_by_name(name) for name in runs] if runs else list(recipe.RUNS)
-    if any(r.etc is not None for r in selected) and recipe.FULL not in selected:
-        if not os.path.isdir(final_dir(work, FULL_NAME)):
-            raise ValueError("the ETC runs start from the full-token model: include 'full' in --runs or train it first")
-    num_train_images = num_train_images or recipe.NUM_TRAIN_IMAGES
-    num_val_images = num_val_images or recipe.NUM_VAL_IMAGES
+    `max_steps` (every run's steps), `data_scale` (training images per block) and `num_val_images` shrink the recipe
+    for tests and quick looks."""
+    selected = [run for run in recipe.RUNS if not runs or run.name in runs]  # training order
     os.makedirs(work, exist_ok=True)
-    generate_data(work, num_train_images, num_val_images, progress)
+    generate_data(work, data_scale, num_val_images)
     init_dir = os.path.join(work, "init")
     if not os.path.isfile(os.path.join(init_dir, "config.json")):
-        save_tiny_llava(init_dir, build_processor(), recipe.SIZES, recipe.MODEL_SEED)
+        model, processor = recipe.build_initial_model()
+        model.save_pretrained(init_dir)
+        processor.save_pretrained(init_dir)
 
     summaries, validation = {}, {}
     for run in selected:
@@ -203,7 +233,7 @@ def reproduce(
         validation[run.name] = validate_run(run, work, progress=progress)
         print(f"{run.name}: {summaries[run.name]['global_step']} steps, val accuracy "
               f"{validation[run.name]['accuracy']:.3f}", flush=True)  # fmt: skip
-    settings = {"max_steps": max_steps, "num_train_images": num_train_images, "num_val_images": num_val_images,
+    settings = {"max_steps": max_steps, "data_scale": data_scale, "num_val_images": num_val_images,
                 "argv": argv or []}  # fmt: skip
     if dest is None:
         return {"runs": {name: {"training_summary": summaries[name], "val": validation[name]} for name in summaries}}
@@ -226,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--install", action="store_true", help=f"write them into the package ({CHECKPOINT_DIR})")
     parser.add_argument("--runs", nargs="+", choices=[r.name for r in recipe.RUNS], help="train only these runs")
     parser.add_argument("--max-steps", type=int, help="override every run's steps (tests, quick looks)")
-    parser.add_argument("--num-train-images", type=int, help=f"default {recipe.NUM_TRAIN_IMAGES}")
+    parser.add_argument("--data-scale", type=float, default=1.0, help="scale the training images of every block")
     parser.add_argument("--num-val-images", type=int, help=f"default {recipe.NUM_VAL_IMAGES}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
@@ -238,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     dest = CHECKPOINT_DIR if args.install else args.dest
-    manifest = reproduce(args.work, dest, args.runs, args.max_steps, args.num_train_images, args.num_val_images,
+    manifest = reproduce(args.work, dest, args.runs, args.max_steps, args.data_scale, args.num_val_images,
                          not args.no_progress, argv)  # fmt: skip
     if dest is not None:
         print(f"packed {len(manifest['runs'])} checkpoints, {manifest['total_bytes'] / 2**20:.1f} MiB, into {dest}")

@@ -19,7 +19,6 @@ Outputs: the table on stdout, `<output>/demo.png` (accuracy vs tokens kept, one 
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -77,7 +76,7 @@ def generate_test_data(out_dir: str, num_images: int) -> str:
 
     json_path = os.path.join(out_dir, "test.json")
     params_path = os.path.join(out_dir, "test_scenes.json")
-    kwargs = recipe.data_kwargs("test")
+    kwargs = recipe.eval_data_kwargs("test")
     if os.path.isfile(json_path) and os.path.isfile(params_path):
         with open(params_path) as f:
             params = json.load(f)["params"]
@@ -90,7 +89,8 @@ def generate_test_data(out_dir: str, num_images: int) -> str:
 
 
 def _row_model(row: Row, full_model, checkpoints: str | None):
-    """The model of one row: the full model itself, the full model with an ETC variant, or a compressor on a copy."""
+    """The model of one row: the full model itself, the full model with an ETC variant (a fresh copy loaded from the
+    checkpoints), or the full model with a training-free compressor applied in place (`_release` removes it)."""
     if row.kind == "full":
         return full_model
     if row.kind == "etc":
@@ -100,9 +100,14 @@ def _row_model(row: Row, full_model, checkpoints: str | None):
         return model
     from ..baselines import apply_baseline
 
-    model = copy.deepcopy(full_model)
-    patched = apply_baseline(model, row.name, row.budget)
-    return patched if patched is not None else model
+    return apply_baseline(full_model, row.name, row.budget)
+
+
+def _release(row: Row, model) -> None:
+    if row.kind == "baseline":
+        from ..baselines import remove_baseline
+
+        remove_baseline(model)
 
 
 def _format_table(results: list[dict]) -> str:
@@ -250,8 +255,11 @@ def run_demo(
         if bar is not None:
             bar.set_postfix_str(row.label + ("" if row.budget is None else f" {row.budget}"))
         model = _row_model(row, full_model, checkpoints)
-        outcome = evaluate(model, processor, dataset, batch_size=batch_size, max_new_tokens=4, warmup=1,
-                           progress=False)  # fmt: skip
+        try:
+            outcome = evaluate(model, processor, dataset, batch_size=batch_size, max_new_tokens=4, warmup=1,
+                               progress=False)  # fmt: skip
+        finally:
+            _release(row, model)
         metrics = outcome["metrics"]
         results.append({
             "key": row.key, "kind": row.kind, "name": row.name, "label": row.label, "budget": row.budget,

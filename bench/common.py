@@ -1,7 +1,6 @@
 """Shared pieces of the benchmarks: shapes, input builders, timing and peak-memory probes."""
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +41,11 @@ def time_ms(fn, min_run_time=1.0):
 def peak_extra_memory_bytes(module, function, args, device="cpu"):
     """Peak memory a call allocates beyond its inputs, measured in a fresh process.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak RSS
-    (ru_maxrss), a coarse but real measurement (page granularity, allocator caching)."""
+    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak resident set
+    (VmHWM, which starts afresh with the new process image; ru_maxrss would carry over the
+    parent's peak across fork/exec), a coarse but real measurement (page granularity)."""
     code = f"""
-import gc, json, resource, sys, torch
+import gc, json, sys, torch
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r})
 import {module} as m
 inputs = m.memory_probe_inputs(*{args!r}, device={device!r})
@@ -55,9 +55,13 @@ if {device!r} == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     fn(*inputs); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def high_water_mark():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    base = high_water_mark()
     fn(*inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = high_water_mark() - base
 print(json.dumps(peak))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

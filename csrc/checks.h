@@ -50,6 +50,7 @@ inline void check_optional_2d(const std::optional<at::Tensor>& t, int64_t rows, 
 
 // cross_attn_scores(q [B, H, T, D], k [B, Hkv, N, D], q_mask [B, T], kv_mask [B, N], q_pos [B, T])
 inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& k,
+                                         std::optional<double> scale,
                                          const std::optional<at::Tensor>& q_mask,
                                          const std::optional<at::Tensor>& kv_mask,
                                          const std::optional<at::Tensor>& q_pos) {
@@ -69,6 +70,7 @@ inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(k.size(1) >= 1 && heads % k.size(1) == 0, op,
               ": the number of query heads H = ", heads,
               " must be a multiple of the number of kv heads Hkv = ", k.size(1));
+  TORCH_CHECK(!scale.has_value() || *scale > 0.0, op, ": scale must be positive, got ", *scale);
   check_optional_2d(q_mask, batch, queries, at::kBool, q, op, "q_mask", "[B, T]");
   check_optional_2d(kv_mask, batch, k.size(2), at::kBool, q, op, "kv_mask", "[B, N]");
   check_optional_2d(q_pos, batch, queries, at::kLong, q, op, "q_pos", "[B, T]");

@@ -47,7 +47,7 @@ def _check_optional_2d(t, rows: int, cols: int, dtype: torch.dtype, ref: torch.T
     _check_same_device(t, ref, op, name, "q" if op == "cross_attn_scores" else "x")
 
 
-def _check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos) -> None:
+def _check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos) -> None:
     op = "cross_attn_scores"
     _check_rank(q, 4, op, "q", "[B, H, T, D]")
     _check_rank(k, 4, op, "k", "[B, Hkv, N, D]")
@@ -66,6 +66,8 @@ def _check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos) -> None:
         raise ValueError(
             f"{op}: the number of query heads H = {heads} must be a multiple of the number of kv heads Hkv = {k.shape[1]}"
         )
+    if scale is not None and not scale > 0:
+        raise ValueError(f"{op}: scale must be positive, got {scale}")
     _check_optional_2d(q_mask, batch, queries, torch.bool, q, op, "q_mask", "[B, T]")
     _check_optional_2d(kv_mask, batch, k.shape[2], torch.bool, q, op, "kv_mask", "[B, N]")
     _check_optional_2d(q_pos, batch, queries, torch.int64, q, op, "q_pos", "[B, T]")
@@ -86,7 +88,7 @@ def cross_attn_scores(
         q: `(B, H, T, D)` queries of the instruction tokens at one layer (after RoPE).
         k: `(B, Hkv, N, D)` keys at that layer: the visual tokens only, or the layer's whole
             key sequence (then pass `q_pos`). H % Hkv == 0 (GQA); D <= 256.
-        scale: softmax scale, defaults to D ** -0.5.
+        scale: softmax scale (> 0), defaults to D ** -0.5.
         q_mask: bool `(B, T)`, True = real text token.
         kv_mask: bool `(B, N)`, True = valid key.
         q_pos: int64 `(B, T)`, index in k of each query: key n is visible to query t only if
@@ -97,7 +99,7 @@ def cross_attn_scores(
         queries. A row with no valid query gets the uniform distribution over valid keys; a
         row with no valid key gets zeros. Differentiable w.r.t. q and k.
     """
-    _check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos)
+    _check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos)
     return torch.ops.etc_ext.cross_attn_scores.default(q, k, scale, q_mask, kv_mask, q_pos)
 
 

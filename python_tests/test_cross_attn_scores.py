@@ -227,6 +227,7 @@ BAD_INPUTS = [
     ("q_mask dtype", lambda q, k: dict(q=q, k=k, q_mask=torch.ones(2, 3)), TypeError, "q_mask must have dtype torch.bool"),
     ("kv_mask shape", lambda q, k: dict(q=q, k=k, kv_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, "kv_mask must have shape"),
     ("q_pos dtype", lambda q, k: dict(q=q, k=k, q_pos=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "q_pos must have dtype torch.int64"),
+    ("scale", lambda q, k: dict(q=q, k=k, scale=0.0), ValueError, "scale must be positive"),
     ("q not a tensor", lambda q, k: dict(q=q.tolist(), k=k), TypeError, "q must be a torch.Tensor"),
     ("k device", lambda q, k: dict(q=q, k=k.to("meta")), ValueError, "k must be on the device of q"),
 ]

@@ -18,9 +18,10 @@ namespace {
 // matmul that writes it and the softmax pass that reads it.
 constexpr int64_t kTileFloats = int64_t{1} << 16;
 
-// Softmax of one logits row over its visible keys, accumulated into `acc` with weight
-// `row_weight`. Keys at index >= limit or with key_valid == 0 are invisible.
-inline void accumulate_row(float* logits, const float* key_valid, int64_t limit,
+// Softmax of one row of unscaled logits (q.k) over its visible keys, accumulated into `acc`
+// with weight `row_weight`. Keys at index >= limit or with key_valid == 0 are invisible.
+// The softmax scale is applied here, so q needs no scaled copy.
+inline void accumulate_row(float* logits, const float* key_valid, int64_t limit, float scale,
                            float row_weight, float* acc) {
   float row_max = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : row_max)
@@ -32,7 +33,7 @@ inline void accumulate_row(float* logits, const float* key_valid, int64_t limit,
   float row_sum = 0.0f;
 #pragma omp simd reduction(+ : row_sum)
   for (int64_t n = 0; n < limit; ++n) {
-    const float e = exp_nonpositive(logits[n] - row_max) * key_valid[n];
+    const float e = exp_nonpositive((logits[n] - row_max) * scale) * key_valid[n];
     logits[n] = e;
     row_sum += e;
   }
@@ -49,12 +50,12 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
                                  const std::optional<at::Tensor>& q_mask,   // bool [B, T]
                                  const std::optional<at::Tensor>& kv_mask,  // bool [B, N]
                                  const std::optional<at::Tensor>& q_pos) {  // int64 [B, T]
-  check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos);
+  check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos);
   TORCH_INTERNAL_ASSERT(q.device().is_cpu());
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys = k.size(2);
   const int64_t group = heads / kv_heads;
-  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(dim)));
+  const float softmax_scale = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(dim))));
 
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor key_valid = kv_mask.has_value() ? kv_mask->to(at::kFloat).contiguous()
@@ -71,10 +72,9 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
   const int nthreads = at::get_num_threads();
   at::Tensor acc = at::zeros({nthreads, batch, keys}, f32);
   if (batch > 0 && keys > 0 && queries > 0 && heads > 0) {
-    // Queries grouped by the kv head they read and pre-scaled: [B * Hkv, g * T, D]. Row r of
-    // group (b, j) is query t = r % T of head j * g + r / T.
-    const at::Tensor q_groups =
-        (q.to(at::kFloat) * softmax_scale).reshape({batch * kv_heads, group * queries, dim}).contiguous();
+    // Queries grouped by the kv head they read: [B * Hkv, g * T, D] (a view of a contiguous
+    // float32 q). Row r of group (b, j) is query t = r % T of head j * g + r / T.
+    const at::Tensor q_groups = q.to(at::kFloat).reshape({batch * kv_heads, group * queries, dim}).contiguous();
     const at::Tensor k_groups = k.to(at::kFloat).reshape({batch * kv_heads, keys, dim}).contiguous();
     const int64_t rows_per_group = group * queries;
     const int64_t row_chunk = std::min(rows_per_group, std::max<int64_t>(1, kTileFloats / keys));
@@ -110,7 +110,7 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
           const int64_t t = (r0 + row) % queries;
           if (query_valid_ptr[b * queries + t] == 0.0f) continue;
           accumulate_row(tile_ptr + row * keys, key_valid_ptr + b * keys, limit_ptr[b * queries + t],
-                         row_weight_ptr[b], thread_acc + b * keys);
+                         softmax_scale, row_weight_ptr[b], thread_acc + b * keys);
         }
       }
     });

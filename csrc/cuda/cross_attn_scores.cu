@@ -176,7 +176,7 @@ at::Tensor cross_attn_scores_cuda(const at::Tensor& q,  // [B, H, T, D]
                                   const std::optional<at::Tensor>& q_mask,   // bool [B, T]
                                   const std::optional<at::Tensor>& kv_mask,  // bool [B, N]
                                   const std::optional<at::Tensor>& q_pos) {  // int64 [B, T]
-  check_cross_attn_scores_args(q, k, q_mask, kv_mask, q_pos);
+  check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos);
   TORCH_INTERNAL_ASSERT(q.is_cuda());
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);

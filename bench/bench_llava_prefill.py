@@ -1,0 +1,160 @@
+"""Prefill time and KV-cache bytes of ETC on a tiny random LLaVA-1.5 (real transformers classes, no downloads).
+
+Compares, for the same left-padded batch (shared prompt prefix, questions of different lengths):
+  - the uncompressed model (ETC disabled: exactly the original LLaVA), prefill into a DynamicCache;
+  - ETC's segmented two-pass prefill (plain causal passes + compaction of every cache layer);
+  - ETC's masked single pass (4-D bottleneck mask) followed by compaction;
+and the KV-cache bytes after the prefill (full vs M compression tokens per image).
+
+    python bench/bench_llava_prefill.py                      # defaults: N = 576 visual tokens, CPU
+    python bench/bench_llava_prefill.py --image-size 16 --patch-size 4   # the test-size model (N = 16)
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.cache_utils import DynamicCache
+
+import etc_ext  # noqa: F401
+from etc_ext.config import ETCConfig
+from etc_ext.models.llava import apply_etc
+
+IMAGE_TOKEN = 250
+
+
+def build_model(args) -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden_size,
+        intermediate_size=4 * args.vision_hidden_size,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=4,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=256,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(config).to(args.device, getattr(torch, args.dtype))
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def build_batch(args, num_visual: int) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(args.batch_size):
+        question = args.text_after + 3 * i  # different lengths -> left padding
+        rows.append(
+            torch.randint(3, 200, (args.text_before,), generator=generator).tolist()
+            + [IMAGE_TOKEN] * num_visual
+            + torch.randint(3, 200, (question,), generator=generator).tolist()
+        )
+    length = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row) :] = torch.tensor(row)
+        attention_mask[i, length - len(row) :] = 1
+    pixel_values = torch.randn(len(rows), 3, args.image_size, args.image_size, generator=generator)
+    return {
+        "input_ids": input_ids.to(args.device),
+        "attention_mask": attention_mask.to(args.device),
+        "pixel_values": pixel_values.to(args.device, getattr(torch, args.dtype)),
+    }
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def interleaved_medians(calls: dict, repeats: int, device: str) -> dict:
+    """Median wall time of each call; the calls take turns in every round so that load on a shared machine
+    affects all of them alike. One warm-up round first."""
+    times = {name: [] for name in calls}
+    outputs = {name: fn() for name, fn in calls.items()}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), min(times[name]), outputs[name]) for name in calls}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--vision-hidden-size", type=int, default=64)
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--text-before", type=int, default=5)
+    parser.add_argument("--text-after", type=int, default=40)
+    parser.add_argument("--num-compression-tokens", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = build_model(args)
+    num_visual = (args.image_size // args.patch_size) ** 2
+    inputs = build_batch(args, num_visual)
+    length = inputs["input_ids"].shape[1]
+    text = model.config.text_config
+    print(
+        f"tiny LLaVA: LLM {text.num_hidden_layers} layers x hidden {text.hidden_size}, N = {num_visual} visual "
+        f"tokens/image, batch {args.batch_size} (left padded, prompt length {length}), {args.device} {args.dtype}, "
+        f"{torch.get_num_threads()} threads, median and min of {args.repeats} interleaved runs"
+    )
+    compressed = {}
+    for m in args.num_compression_tokens:
+        compressed[m] = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
+    calls = {("uncompressed", "-"): lambda: model(
+        **inputs, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+    )}
+    for m, etc_model in compressed.items():
+        for method, name in (("segmented", "ETC two-pass"), ("masked", "ETC masked 1-pass")):
+            calls[(name, m)] = lambda etc_model=etc_model, method=method: etc_model(
+                **inputs, use_cache=True, etc_prefill_method=method
+            )
+    with torch.inference_mode():
+        results = interleaved_medians(calls, args.repeats, args.device)
+    full_bytes = cache_bytes(results[("uncompressed", "-")][2].cache)
+    rows = [
+        (name, m, median, fastest, out.cache.get_seq_length(), cache_bytes(out.cache))
+        for (name, m), (median, fastest, out) in results.items()
+    ]
+
+    print(f"\n{'prefill':<20}{'M':>3}{'median [ms]':>13}{'min [ms]':>10}", end="")
+    print(f"{'cache len':>11}{'KV bytes':>12}{'vs full':>9}")
+    for name, m, median, fastest, cache_length, nbytes in rows:
+        print(
+            f"{name:<20}{m!s:>3}{median * 1e3:>13.1f}{fastest * 1e3:>10.1f}{cache_length:>11}{nbytes:>12,}"
+            f"{nbytes / full_bytes:>9.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

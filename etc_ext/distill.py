@@ -1,0 +1,287 @@
+"""The instruction-aware distillation target and the VID loss (PAPER.md, "Instruction-aware target" and "VID").
+
+- The target: `X^ = X_v * (1 - alpha + alpha * minmax(scores))`, where X_v are the hidden states of an image's visual
+  tokens at the target layer and `scores` the attention of the instruction tokens on them at that layer, averaged
+  over heads and instruction tokens. The scores come from a no-grad pass without the bottleneck mask; its queries and
+  keys are recorded by a registered attention function (`capture_query_key`), never with `output_attentions`, so the
+  model keeps SDPA, and reduced with the fused `etc_ext.ops.cross_attn_scores`.
+- The decoder: an MLP from the compression tokens' and the mean-pooled instruction's hidden states to mu `(N, D)`.
+- The loss: `L_VID = sum_d [ sum_n (X^_nd - mu_nd)^2 / (2 sigma_d^2) + N log sigma_d ]` with learned per-channel
+  variances `sigma_d^2 = softplus(w_d) + eps`; `"mse"` is `0.5 * sum (X^ - mu)^2` (unit variances) for the ablation.
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import ops
+from .config import ETCConfig
+
+__all__ = [
+    "CAPTURE_ATTENTION",
+    "QueryKeyRecorder",
+    "capture_query_key",
+    "resolve_target_layer",
+    "instruction_scores",
+    "minmax_normalize",
+    "instruction_aware_target",
+    "VIDDecoder",
+    "vid_loss",
+    "mse_loss",
+    "DistillHead",
+    "adapter_layers",
+    "adapters_disabled",
+]
+
+
+# ============================================================================ q/k capture
+CAPTURE_ATTENTION = "etc_capture"
+
+
+class QueryKeyRecorder:
+    """Holds the query `(B, H, L, D)` and key `(B, Hkv, L, D)` states (after RoPE and any q/k norm, exactly as the
+    attention function receives them) of one decoder layer, and that layer's softmax scale."""
+
+    def __init__(self, layer_idx: int):
+        self.layer_idx = layer_idx
+        self.query: Optional[torch.Tensor] = None
+        self.key: Optional[torch.Tensor] = None
+        self.scale: Optional[float] = None
+
+    @property
+    def kwargs(self) -> dict:
+        """Keyword arguments to pass to the language model's forward; they reach every attention function."""
+        return {"etc_qk_recorder": self}
+
+
+def _capture_attention_forward(module, query, key, value, attention_mask, etc_qk_recorder=None, **kwargs):
+    """SDPA attention that also hands the target layer's query/key states to the recorder passed in kwargs."""
+    if etc_qk_recorder is not None and getattr(module, "layer_idx", None) == etc_qk_recorder.layer_idx:
+        etc_qk_recorder.query, etc_qk_recorder.key = query, key
+        etc_qk_recorder.scale = kwargs.get("scaling", getattr(module, "scaling", None))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# The documented extension point: a named attention function (and its mask builder, SDPA's).
+AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention_forward)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def capture_query_key(config, layer_idx: int):
+    """Run a language model with the capturing SDPA attention: `with capture_query_key(lm.config, 5) as rec:
+    lm(..., **rec.kwargs)`; afterwards `rec.query` and `rec.key` hold layer 5's states. The previous attention
+    implementation is restored on exit. (An eager model runs this pass with SDPA: the same attention, no weights.)"""
+    recorder = QueryKeyRecorder(layer_idx)
+    previous = config._attn_implementation
+    config._attn_implementation = CAPTURE_ATTENTION
+    try:
+        yield recorder
+    finally:
+        config._attn_implementation = previous
+
+
+def resolve_target_layer(target_layer: int, num_hidden_layers: int) -> tuple[int, int]:
+    """`(hidden_index, attention_layer)`: the index into the `hidden_states` tuple (0 = embeddings,
+    `num_hidden_layers` = final normalised output) and the decoder layer whose attention gives the scores (the one
+    that produces those hidden states; layer 0 for the embeddings)."""
+    num_states = num_hidden_layers + 1
+    if not -num_states <= target_layer < num_states:
+        raise ValueError(
+            f"ETCConfig.target_layer={target_layer} is out of range for a language model with {num_hidden_layers} "
+            f"layers (hidden_states has {num_states} entries: use -{num_states}..{num_states - 1})"
+        )
+    hidden_index = target_layer % num_states
+    return hidden_index, max(hidden_index - 1, 0)
+
+
+# ============================================================================ target
+def instruction_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_index: torch.Tensor,
+    visual_index: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    score_context: str = "causal",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Text-to-image attention of each image's instruction tokens on its visual tokens, float32 `(I, N)`.
+
+    Args:
+        query: `(I, H, L, D)` query states of the row holding each image, at the score layer.
+        key: `(I, Hkv, L, D)` key states of that row (the layer's whole key sequence).
+        query_index: int64 `(I, T)` positions of the image's instruction tokens, -1 = none.
+        visual_index: int64 `(I, N)` positions of the image's visual tokens.
+        key_mask: bool `(I, L)`, True = real key (padding excluded).
+        score_context: "causal": probabilities over each query's causal context, exactly what eager attention
+            returns (the caller keeps the visual columns); "image": renormalised over the image's visual tokens.
+        scale: softmax scale of the layer (default D ** -0.5).
+    """
+    q_index = query_index.clamp_min(0)
+    q = query.gather(2, q_index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))  # (I, H, T, D)
+    q_mask = query_index >= 0
+    if score_context == "causal":
+        scores = ops.cross_attn_scores(q, key, scale=scale, q_mask=q_mask, kv_mask=key_mask, q_pos=q_index)  # (I, L)
+        return scores.gather(1, visual_index)
+    if score_context == "image":
+        k = key.gather(2, visual_index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3]))  # (I, Hkv, N, D)
+        return ops.cross_attn_scores(q, k, scale=scale, q_mask=q_mask)
+    raise ValueError(f"score_context must be 'causal' or 'image', got {score_context!r}")
+
+
+def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each row of `(I, N)` to [0, 1]; a constant row becomes all ones (keep every token)."""
+    low = scores.amin(-1, keepdim=True)
+    span = scores.amax(-1, keepdim=True) - low
+    normalized = (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.where(span > 0, normalized, torch.ones_like(scores))
+
+
+def instruction_aware_target(visual_hidden: torch.Tensor, scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`X^ = X_v * (1 - alpha + alpha * minmax(scores))`, float32 `(I, N, D)` from X_v `(I, N, D)`, scores `(I, N)`."""
+    weight = 1.0 - alpha + alpha * minmax_normalize(scores.float())
+    return visual_hidden.float() * weight[..., None]
+
+
+# ============================================================================ decoder and losses
+class DecoderMLPBlock(nn.Module):
+    """Pre-norm residual MLP block."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        hidden_states = self.fc2(self.act(self.fc1(hidden_states)))
+        return residual + hidden_states
+
+
+class VIDDecoder(nn.Module):
+    """Training-only MLP decoder: (compression tokens' hidden states, pooled instruction) -> mu `(N, D)`.
+
+    The M compression states and the mean-pooled instruction state (each layer-normalised) are concatenated and
+    projected to one context vector; a learned embedding per visual position is added, and residual MLP blocks map
+    each of the N positions to its prediction. Position-wise weights keep the decoder small (no N*D output layer).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_compression_tokens: int,
+        num_visual_tokens: int,
+        decoder_hidden_size: int,
+        num_layers: int,
+        intermediate_size: int,
+        output_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self.input_norm = nn.LayerNorm(hidden_size)
+        self.context_proj = nn.Linear((num_compression_tokens + 1) * hidden_size, decoder_hidden_size)
+        self.position_embedding = nn.Parameter(torch.empty(num_visual_tokens, decoder_hidden_size))
+        nn.init.normal_(self.position_embedding, std=0.02)
+        self.blocks = nn.ModuleList(DecoderMLPBlock(decoder_hidden_size, intermediate_size) for _ in range(num_layers))
+        self.output_norm = nn.LayerNorm(decoder_hidden_size)
+        self.output_proj = nn.Linear(decoder_hidden_size, output_size or hidden_size)
+
+    def forward(self, compression_hidden: torch.Tensor, instruction_hidden: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            compression_hidden: `(I, M, hidden_size)` the compression tokens' hidden states at the target layer.
+            instruction_hidden: `(I, hidden_size)` mean of the instruction tokens' hidden states there.
+
+        Returns:
+            mu `(I, N, output_size)`.
+        """
+        context = torch.cat([compression_hidden, instruction_hidden[:, None]], dim=1)  # (I, M + 1, hidden)
+        context = self.input_norm(context).flatten(1)  # (I, (M + 1) * hidden)
+        hidden_states = self.context_proj(context)[:, None] + self.position_embedding[None]  # (I, N, d)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return self.output_proj(self.output_norm(hidden_states))
+
+
+def vid_loss(target: torch.Tensor, mu: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """`L_VID = sum_d [ sum_n (X^_nd - mu_nd)^2 / (2 sigma_d^2) + N log sigma_d ]`, averaged over images.
+
+    Args:
+        target: X^ `(I, N, D)`; mu: `(I, N, D)`; variance: sigma^2 `(D,)` > 0.
+    """
+    num_visual = target.shape[1]
+    variance = variance.float()
+    squared = (target.float() - mu.float()).pow(2).sum(dim=1)  # (I, D)
+    per_image = (squared / (2 * variance) + num_visual * 0.5 * torch.log(variance)).sum(-1)  # (I,)
+    return per_image.mean()
+
+
+def mse_loss(target: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """`0.5 * sum_{n,d} (X^_nd - mu_nd)^2` averaged over images: VID with unit variances (same scale)."""
+    return 0.5 * (target.float() - mu.float()).pow(2).sum(dim=(1, 2)).mean()
+
+
+class DistillHead(nn.Module):
+    """The training-only part of ETC: decoder and learned per-channel variances, and the distillation loss."""
+
+    def __init__(self, config: ETCConfig, hidden_size: int, num_visual_tokens: int):
+        super().__init__()
+        self.loss_type = config.loss
+        self.variance_eps = config.variance_eps
+        self.decoder = VIDDecoder(
+            hidden_size=hidden_size,
+            num_compression_tokens=config.num_compression_tokens,
+            num_visual_tokens=num_visual_tokens,
+            decoder_hidden_size=config.decoder_hidden_size,
+            num_layers=config.decoder_num_layers,
+            intermediate_size=config.intermediate_size,
+        )
+        # w_d with softplus(w_d) = 1: unit variances at the start.
+        self.variance_weight = nn.Parameter(torch.full((hidden_size,), math.log(math.e - 1.0)))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """sigma_d^2 = softplus(w_d) + eps, `(D,)` float32."""
+        return nn.functional.softplus(self.variance_weight.float()) + self.variance_eps
+
+    def forward(
+        self, compression_hidden: torch.Tensor, instruction_hidden: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """Distillation loss (scalar) of target X^ `(I, N, D)` given `(I, M, H)` and `(I, H)` student states."""
+        dtype = self.decoder.context_proj.weight.dtype
+        mu = self.decoder(compression_hidden.to(dtype), instruction_hidden.to(dtype))
+        if self.loss_type == "vid":
+            return vid_loss(target, mu, self.variance)
+        return mse_loss(target, mu)
+
+
+# ============================================================================ teacher helpers (peft)
+def adapter_layers(model: nn.Module) -> list:
+    """peft layers of `model` that can be switched off (LoRA & co. layers, modules_to_save wrappers)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # peft is optional
+        return []
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+
+@contextmanager
+def adapters_disabled(layers: list):
+    """Run the base model under peft: adapters (and modules_to_save copies) off, restored on exit."""
+    was_disabled = [bool(layer.disable_adapters) for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled):
+            layer.enable_adapters(not disabled)

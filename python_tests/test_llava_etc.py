@@ -1,0 +1,608 @@
+"""ETC on a tiny random LLaVA-1.5 (real LlavaConfig / CLIPVisionConfig / LlamaConfig classes), CPU, fp32."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import etc_ext  # noqa: F401  (loads the ops)
+from etc_ext.compress import (
+    COMPRESSION,
+    TEXT,
+    VISUAL,
+    ETCCache,
+    bottleneck_mask,
+    etc_prefill,
+    find_image_spans,
+    insert_compression_tokens,
+)
+from etc_ext.config import ETCConfig
+from etc_ext.distill import vid_loss
+from etc_ext.models.llava import (
+    ETCLlavaForConditionalGeneration,
+    apply_etc,
+    from_pretrained,
+    instruction_target,
+    remove_etc,
+    save_pretrained,
+)
+
+IMAGE = 99  # image token id
+PAD = 0
+IMAGE_SIZE, PATCH = 16, 4
+N = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
+
+
+def tiny_llava(attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2, vocab_size=100, image_token_id=IMAGE):
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=PAD,
+    )  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    return model.eval()
+
+
+def small_config(**changes):
+    return ETCConfig(**{"num_compression_tokens": 2, "decoder_hidden_size": 16, "decoder_num_layers": 1, **changes})
+
+
+def make_batch(rows, padding_side="left", seed=1, answer=0):
+    """rows: per sample, a list of segments: an int k = k random text tokens, "I" = one image (N tokens).
+    Returns input_ids, attention_mask, pixel_values (one image per "I", in order) and labels (the last `answer` real
+    tokens of each row are the answer, the rest -100)."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences, images = [], 0
+    for row in rows:
+        tokens = []
+        for segment in row:
+            if segment == "I":
+                tokens += [IMAGE] * N
+                images += 1
+            else:
+                tokens += torch.randint(3, 90, (segment,), generator=generator).tolist()
+        sequences.append(tokens)
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, tokens in enumerate(sequences):
+        start = length - len(tokens) if padding_side == "left" else 0
+        input_ids[i, start : start + len(tokens)] = torch.tensor(tokens)
+        attention_mask[i, start : start + len(tokens)] = 1
+        if answer:
+            labels[i, start + len(tokens) - answer : start + len(tokens)] = input_ids[
+                i, start + len(tokens) - answer : start + len(tokens)
+            ]
+    pixel_values = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}, labels
+
+
+CHAT = [[2, "I", 3], [2, "I", 6]]  # same prefix ("USER:"), questions of different lengths: left padding
+
+
+# ============================================================================ config
+def test_config_json_round_trip(tmp_path):
+    config = ETCConfig(num_compression_tokens=4, alpha=0.3, loss="mse", teacher="self", target_layer=-2)
+    assert ETCConfig.from_dict(config.to_dict()) == config
+    path = tmp_path / "etc_config.json"
+    config.to_json_file(path)
+    assert json.loads(path.read_text())["num_compression_tokens"] == 4
+    assert ETCConfig.from_json_file(path) == config
+    assert ETCConfig().alpha == 0.6 and ETCConfig().vid_weight == 1e-5 and ETCConfig().target_layer == -1
+    assert ETCConfig().score_context == "causal"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_compression_tokens", 0),
+        ("num_compression_tokens", 1.5),
+        ("alpha", 1.5),
+        ("vid_weight", -1.0),
+        ("loss", "l1"),
+        ("teacher", "ema"),
+        ("score_context", "all"),
+        ("decoder_hidden_size", 0),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ETCConfig(**{field: value})
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown field.*num_tokens"):
+        ETCConfig.from_dict({"num_tokens": 2})
+
+
+# ============================================================================ bookkeeping and mask
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_insertion_layout_and_positions(padding_side):
+    inputs, _ = make_batch([[2, "I", 1, "I", 3], [1, "I", 2]], padding_side=padding_side)
+    mask = inputs["attention_mask"]
+    spans = find_image_spans(inputs["input_ids"] == IMAGE, [N, N, N])
+    assert spans.row.tolist() == [0, 0, 1] and spans.index_in_row.tolist() == [0, 1, 0]
+    layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, mask)
+    assert layout.length == inputs["input_ids"].shape[1] + 4  # row 0 has two images
+    for b in range(2):
+        real = layout.attention_mask[b]
+        types = layout.token_type[b][real].tolist()
+        positions = layout.position_ids[b][real].tolist()
+        # Without a gap the extended positions of the real tokens count 0, 1, 2, ...
+        assert positions == list(range(len(positions)))
+        # Compression tokens right after each image's visual run, text in between.
+        runs = []
+        for t in types:
+            if not runs or runs[-1][0] != t:
+                runs.append([t, 0])
+            runs[-1][1] += 1
+        expected = [[TEXT, 2], [VISUAL, N], [COMPRESSION, 2], [TEXT, 1], [VISUAL, N], [COMPRESSION, 2], [TEXT, 3]]
+        if b == 1:
+            expected = [[TEXT, 1], [VISUAL, N], [COMPRESSION, 2], [TEXT, 2]]
+        assert runs == expected
+    # Padding stays on its side.
+    first_real = layout.attention_mask.float().argmax(-1)
+    if padding_side == "left":
+        assert bool(layout.attention_mask[:, -1].all()) and int(first_real[1]) > 0
+    else:
+        assert bool(layout.attention_mask[:, 0].all())
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_bottleneck_mask_rules(padding_side):
+    inputs, _ = make_batch([[2, "I", 1, "I", 3], [1, "I", 2]], padding_side=padding_side)
+    spans = find_image_spans(inputs["input_ids"] == IMAGE, [N, N, N])
+    layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, inputs["attention_mask"])
+    mask = bottleneck_mask(layout)
+    assert mask.shape == (2, 1, layout.length, layout.length) and mask.dtype == torch.bool
+    types, images, real = layout.token_type.tolist(), layout.image_id.tolist(), layout.attention_mask.tolist()
+    for b in range(2):
+        for q in range(layout.length):
+            for k in range(layout.length):
+                if not real[b][q]:
+                    expected = q == k
+                elif k > q or not real[b][k]:
+                    expected = False
+                elif types[b][k] == VISUAL:
+                    # only the visual and compression tokens of the same image
+                    expected = types[b][q] in (VISUAL, COMPRESSION) and images[b][q] == images[b][k]
+                else:
+                    expected = True
+                assert bool(mask[b, 0, q, k]) == expected, (b, q, k)
+
+
+# ============================================================================ disabled / removed
+def test_disabled_and_removed_reproduce_the_original_model():
+    model = tiny_llava()
+    original = copy.deepcopy(model)
+    inputs, _ = make_batch(CHAT)
+    with torch.no_grad():
+        reference = original(**inputs).logits
+        reference_generation = original.generate(**inputs, max_new_tokens=4, do_sample=False)
+        apply_etc(model, small_config())
+        assert isinstance(model, ETCLlavaForConditionalGeneration)
+        compressed = model(**inputs).logits
+        model.etc.enabled = False
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), reference_generation)
+        model.etc.enabled = True
+        remove_etc(model)
+        assert type(model) is LlavaForConditionalGeneration and not hasattr(model, "etc")
+        assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+        assert torch.equal(model(**inputs).logits, reference)
+    assert not torch.allclose(compressed, reference, atol=1e-3)  # ETC does change the model
+
+
+# ============================================================================ prefill
+PREFILL_CASES = {
+    "chat_left_padding": (CHAT, "left", "segmented"),
+    "two_images_per_row": ([[2, "I", 2, "I", 3], [2, "I", 1, "I", 5]], "left", "segmented"),
+    "different_prefixes": ([[1, "I", 4], [5, "I", 2], [3, "I", 3]], "left", "segmented"),
+    "right_padding": (CHAT, "right", "segmented"),
+    "image_at_the_end": ([[3, "I"], [1, "I"]], "left", "segmented"),
+    "different_image_counts": ([[2, "I", 1, "I", 3], [2, "I", 4]], "left", "masked"),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_two_pass_prefill_matches_the_masked_pass(case):
+    rows, padding_side, method = PREFILL_CASES[case]
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, _ = make_batch(rows, padding_side=padding_side)
+    with torch.no_grad():
+        masked = model(**inputs)  # the training forward: one pass under the bottleneck mask
+        prefill = model(**inputs, use_cache=True)
+    cache = prefill.cache
+    assert isinstance(cache, ETCCache)
+    # The prefill took the expected route (auto), and the next-token logits agree.
+    real = inputs["attention_mask"].bool()
+    last = real.long().cumsum(-1).argmax(-1)  # last real token of each row
+    expected = masked.logits[torch.arange(len(rows)), last]
+    torch.testing.assert_close(prefill.logits[:, -1], expected, atol=1e-4, rtol=0)
+
+    # Every text token of the last pass agrees with the masked pass at the same extended position.
+    spans = find_image_spans(inputs["input_ids"] == IMAGE, [N] * len(inputs["pixel_values"]))
+    layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, inputs["attention_mask"])
+    with torch.no_grad():
+        prepared = model._etc_inputs(
+            inputs["input_ids"], inputs["pixel_values"], None, inputs["attention_mask"], None,
+            inputs["input_ids"] == IMAGE, None, None, None,
+        )  # fmt: skip
+        out = etc_prefill(
+            model._etc_run_language_model, prepared.layout, prepared.inputs_embeds, ETCCache(config=model.config),
+            "sdpa", inputs["input_ids"].shape[1],
+        )  # fmt: skip
+        full = model.model.language_model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=bottleneck_mask(layout),
+            position_ids=layout.position_ids,
+        ).last_hidden_state
+    assert out.method == method
+    valid = out.index >= 0
+    rows_index = torch.arange(len(rows))[:, None].expand_as(out.index)
+    torch.testing.assert_close(
+        out.hidden_states[valid], full[rows_index[valid], out.index[valid]], atol=1e-4, rtol=0
+    )
+
+    # Cache: M entries per image instead of N, in every layer, for every row.
+    num_images = spans.num_images
+    for layer in cache.layers:
+        assert layer.keys.shape[0] == len(rows) and layer.values.shape == layer.keys.shape
+    kept = cache.etc_state.attention_mask.sum(-1)
+    torch.testing.assert_close(kept, real.sum(-1) - num_images * (N - 2))
+    if case == "chat_left_padding":  # same text before the image in every row: no padding between segments
+        length = inputs["input_ids"].shape[1]
+        assert all(layer.keys.shape[2] == length - N + 2 for layer in cache.layers)
+
+
+def test_prefill_works_under_eager_attention_and_flash_attention_is_refused():
+    sdpa = apply_etc(tiny_llava(), small_config())
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    inputs, _ = make_batch(CHAT)
+    with torch.no_grad():
+        reference = sdpa(**inputs).logits
+        torch.testing.assert_close(eager(**inputs).logits, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            eager(**inputs, use_cache=True, etc_prefill_method="masked").logits[:, -1], reference[:, -1],
+            atol=1e-4, rtol=0,
+        )  # fmt: skip
+    flash = copy.deepcopy(sdpa)
+    flash.config.text_config._attn_implementation = "flash_attention_2"  # the mask-taking check runs first
+    with pytest.raises(ValueError, match="4-D mask.*flash_attention_2"):
+        flash(**inputs)
+
+
+# ============================================================================ generation
+def test_generate_greedy_matches_a_masked_forward_loop():
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, _ = make_batch(CHAT)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        for step in range(8):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
+            logits = logits.logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=0)
+            next_token = logits.argmax(-1, keepdim=True)
+            input_ids = torch.cat([input_ids, next_token], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(out.sequences, input_ids)
+    # The cache holds M (not N) entries for the image: prompt - N + M, plus the 7 tokens fed back.
+    length = inputs["input_ids"].shape[1]
+    assert all(layer.keys.shape[2] == length - N + 2 + 7 for layer in out.cache.layers)
+
+
+def test_generate_sampling_matches_a_sampling_loop():
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, _ = make_batch(CHAT)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        sequences = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=None, top_p=None)
+        torch.manual_seed(123)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(6):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
+            probs = torch.softmax(logits.logits[:, -1].float(), dim=-1)
+            next_token = torch.multinomial(probs, num_samples=1)
+            input_ids = torch.cat([input_ids, next_token], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(sequences, input_ids)
+
+
+def test_processor_outputs_go_in_unchanged():
+    """A real LlavaProcessor (chat template, '<image>' expansion, left padding): its outputs are the model's inputs
+    as they are, and generation decodes from a cache with M entries for the image."""
+    import numpy as np
+
+    from etc_ext.data import build_processor, num_image_tokens
+
+    processor = build_processor(image_size=IMAGE_SIZE, patch_size=PATCH)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    assert num_image_tokens(processor) == N
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    model = apply_etc(tiny_llava(vocab_size=len(tokenizer), image_token_id=image_token_id), small_config())
+    questions = ["What color is the square?", "How many?"]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in questions]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert bool((inputs["attention_mask"][:, 0] == 0).any())  # left padding
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        masked = model(**inputs).logits[:, -1]
+    assert torch.equal(out.sequences[:, inputs["input_ids"].shape[1]], masked.argmax(-1))
+    length = inputs["input_ids"].shape[1]
+    assert all(layer.keys.shape[2] == length - N + 2 + 3 for layer in out.cache.layers)
+
+
+# ============================================================================ the bottleneck itself
+def test_text_sees_the_image_only_through_the_compression_tokens():
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, _ = make_batch(CHAT)
+    other = torch.randn_like(inputs["pixel_values"])
+    spans = find_image_spans(inputs["input_ids"] == IMAGE, [N, N])
+    layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, inputs["attention_mask"])
+    rows = spans.row[:, None].expand_as(layout.compression_index)
+    captured = {}
+
+    def capture(index):
+        def hook(module, args, output):
+            captured[index] = output[rows, layout.compression_index].clone()
+
+        return hook
+
+    def overwrite(index):
+        def hook(module, args, output):
+            output = output.clone()
+            output[rows, layout.compression_index] = captured[index]
+            return output
+
+        return hook
+
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
+        reference = model(**inputs).logits
+        for handle in handles:
+            handle.remove()
+        changed = model(**{**inputs, "pixel_values": other}).logits
+        handles = [layer.register_forward_hook(overwrite(i)) for i, layer in enumerate(layers)]
+        held = model(**{**inputs, "pixel_values": other}).logits
+        for handle in handles:
+            handle.remove()
+    text_after = torch.arange(inputs["input_ids"].shape[1])[None] >= spans.end[:, None]
+    text_after &= inputs["attention_mask"].bool()
+    text_after[spans.row, spans.end - 1] = True  # the logits there come from the last compression token
+    assert (changed - reference)[text_after].abs().max() > 1e-3  # the image does matter...
+    torch.testing.assert_close(held[text_after], reference[text_after], atol=1e-5, rtol=0)  # ...only through Z
+    visual = inputs["input_ids"] == IMAGE
+    visual[spans.row, spans.end - 1] = False
+    assert (held - reference)[visual].abs().max() > 1e-3  # while the visual tokens themselves did change
+
+
+# ============================================================================ target
+@pytest.mark.parametrize("target_layer", [-1, 1])
+@pytest.mark.parametrize("score_context", ["causal", "image"])
+def test_scores_match_eager_attention_probabilities(target_layer, score_context):
+    model = tiny_llava(num_layers=3)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    apply_etc(model, small_config(target_layer=target_layer, score_context=score_context))
+    inputs, labels = make_batch([[2, "I", 4], [3, "I", 7], [1, "I", 3, "I", 5]], answer=2)
+    parts = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
+    # eager attention's probabilities, with the same (padding-aware) positions
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        out = eager(**inputs, position_ids=positions, output_attentions=True)
+    layer = (target_layer % 4) - 1  # the decoder layer that produces hidden_states[target_layer]
+    probs = out.attentions[layer]  # (B, H, L, L)
+    spans = find_image_spans(inputs["input_ids"] == IMAGE, [N] * 4)
+    for k in range(len(spans)):
+        b, start, end = int(spans.row[k]), int(spans.start[k]), int(spans.end[k])
+        queries = [
+            t
+            for t in range(end, mask.shape[1])
+            if mask[b, t] and inputs["input_ids"][b, t] != IMAGE and labels[b, t] == -100
+        ]
+        visual = probs[b][:, queries, start:end]  # (H, T, N)
+        if score_context == "image":
+            visual = visual / visual.sum(-1, keepdim=True)
+        expected = visual.mean(dim=(0, 1))
+        torch.testing.assert_close(parts["scores"][k], expected, atol=1e-5, rtol=1e-4)
+    # X^ = X_v * (1 - alpha + alpha * minmax(s)): the most attended token keeps its state, the least 40 %.
+    scores = parts["scores"]
+    ratio_min = 1 - 0.6
+    k_min, k_max = scores[0].argmin(), scores[0].argmax()
+    target = parts["target"][0]
+    with torch.no_grad():
+        states = eager(**inputs, position_ids=positions, output_hidden_states=True).hidden_states[target_layer]
+    x_v = states[int(spans.row[0]), int(spans.start[0]) : int(spans.end[0])]
+    torch.testing.assert_close(target[k_max], x_v[k_max], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(target[k_min], ratio_min * x_v[k_min], atol=1e-5, rtol=1e-4)
+
+
+def test_vid_loss_closed_form():
+    # N = 2 positions, D = 2 channels, one image; sigma^2 = (0.5, 4.0)
+    target = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])
+    mu = torch.tensor([[[0.0, 2.0], [1.0, 1.0]]])
+    variance = torch.tensor([0.5, 4.0])
+    # channel 0: (1 + 4) / (2 * 0.5) + 2 * log(sqrt(0.5)); channel 1: (0 + 4) / (2 * 4) + 2 * log(sqrt(4))
+    expected = torch.tensor(5.0 + math.log(0.5) + 0.5 + math.log(4.0))  # = 5.5 + log 2
+    torch.testing.assert_close(vid_loss(target, mu, variance), expected)
+    # two images: the mean over images
+    doubled = vid_loss(torch.cat([target, target]), torch.cat([mu, target]), variance)
+    torch.testing.assert_close(doubled, (expected + 2 * math.log(2.0) / 2) / 2)
+    # the learned variance: softplus(w) + eps, unit at initialisation
+    model = apply_etc(tiny_llava(), small_config())
+    torch.testing.assert_close(model.etc.distill.variance, torch.ones(32) + 1e-6)
+    with torch.no_grad():
+        model.etc.distill.variance_weight.copy_(torch.linspace(-2, 2, 32))
+    expected_variance = torch.log1p(torch.exp(torch.linspace(-2, 2, 32))) + 1e-6
+    torch.testing.assert_close(model.etc.distill.variance, expected_variance)
+
+
+# ============================================================================ training
+def test_training_lowers_ce_and_vid_and_reaches_the_right_parameters():
+    model = apply_etc(tiny_llava(), small_config(vid_weight=1e-3))
+    model.train()
+    inputs, labels = make_batch(CHAT, answer=3)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-3)
+    history = []
+    for step in range(8):
+        out = model(**inputs, labels=labels)
+        torch.testing.assert_close(out.loss, out.ce_loss + 1e-3 * out.vid_loss)
+        history.append((out.ce_loss.item(), out.vid_loss.item()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            for prefix in (
+                "etc.compression_tokens.weight",
+                "model.multi_modal_projector.linear_1.weight",
+                "model.language_model.layers.0.self_attn.q_proj.weight",
+                "etc.distill.decoder.context_proj.weight",
+                "etc.distill.variance_weight",
+            ):
+                assert grads[prefix] is not None and grads[prefix].abs().sum() > 0, prefix
+            vision = [name for name in grads if name.startswith("model.vision_tower")]
+            assert vision and all(grads[name] is None for name in vision)
+        optimizer.step()
+    (ce0, vid0), (ce1, vid1) = history[0], history[-1]
+    assert ce1 < ce0 and vid1 < vid0, history
+
+
+def test_frozen_teacher_is_the_starting_model():
+    model = apply_etc(tiny_llava(), small_config(teacher="frozen", vid_weight=1e-3))
+    inputs, labels = make_batch(CHAT, answer=3)
+    before = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+    after = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
+    torch.testing.assert_close(after["target"], before["target"])  # the snapshot did not move
+    model.etc.config.teacher = "self"
+    current = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
+    assert not torch.allclose(current["target"], before["target"], atol=1e-4)  # the current model did
+
+
+@pytest.mark.parametrize("loss", ["mse", "none"])
+def test_loss_variants(loss):
+    model = apply_etc(tiny_llava(), small_config(loss=loss, vid_weight=0.5))
+    inputs, labels = make_batch(CHAT, answer=3)
+    out = model(**inputs, labels=labels)
+    if loss == "none":
+        assert model.etc.distill is None and out.vid_loss is None
+        torch.testing.assert_close(out.loss, out.ce_loss)
+    else:
+        assert out.vid_loss > 0
+        torch.testing.assert_close(out.loss, out.ce_loss + 0.5 * out.vid_loss)
+        out.loss.backward()
+        assert model.etc.distill.decoder.output_proj.weight.grad is not None
+        assert model.etc.distill.variance_weight.grad is None  # MSE: unit variances, nothing learned
+
+
+def test_lora_teacher_disables_adapters_and_adapters_round_trip(tmp_path):
+    import peft
+    base = tiny_llava()
+    reference = apply_etc(copy.deepcopy(base), small_config())
+    lora = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    model = apply_etc(peft.get_peft_model(base, lora), small_config())
+    inputs, labels = make_batch(CHAT, answer=3)
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
+    # teacher="frozen" with LoRA: the same model with the adapters off, i.e. the base model
+    expected = instruction_target(reference, *args)["target"]
+    torch.testing.assert_close(instruction_target(model, *args)["target"], expected)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    names = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert any("lora_A" in name for name in names) and any("compression_tokens" in name for name in names)
+    assert all(p.requires_grad for p in model.get_base_model().etc.parameters())
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tiny_llava(), tmp_path)
+    assert isinstance(loaded, peft.PeftModel)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+# ============================================================================ checkpoints
+def test_save_and_load_round_trip(tmp_path):
+    model = apply_etc(tiny_llava(), small_config(vid_weight=1e-3))
+    model.train()
+    inputs, labels = make_batch(CHAT, answer=3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+    save_pretrained(model, tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"etc_config.json", "etc_model.safetensors", "base_model.safetensors"}
+    # into the starting model (same architecture and weights); resuming training keeps it as the frozen teacher
+    loaded = from_pretrained(tiny_llava(), tmp_path, is_trainable=True)
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+        assert torch.equal(
+            loaded.generate(**inputs, max_new_tokens=5, do_sample=False),
+            model.generate(**inputs, max_new_tokens=5, do_sample=False),
+        )
+        expected = model(**inputs, labels=labels)
+        resumed = loaded(**inputs, labels=labels)
+        assert torch.equal(resumed.vid_loss, expected.vid_loss) and torch.equal(resumed.loss, expected.loss)
+
+    other = apply_etc(tiny_llava(), small_config(num_compression_tokens=3))
+    with pytest.raises(ValueError, match="num_compression_tokens"):
+        from_pretrained(other, tmp_path)
+    with pytest.raises(ValueError, match="hidden_size"):
+        from_pretrained(tiny_llava(hidden_size=48), tmp_path)
+    with pytest.raises(ValueError, match="not an ETC checkpoint"):
+        from_pretrained(tiny_llava(), tmp_path / "missing")
+
+
+# ============================================================================ bad input
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_compression_tokens"):
+        apply_etc(tiny_llava(), ETCConfig(num_compression_tokens=0))
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, labels = make_batch(CHAT, answer=2)
+    no_image = {**inputs, "input_ids": inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, 5)}
+    with pytest.raises(ValueError, match="no image token"):
+        model(**no_image)
+    one_image = {**inputs, "pixel_values": inputs["pixel_values"][:1]}  # two '<image>' prompts, one image
+    with pytest.raises(ValueError, match="Image tokens and image features do not match"):
+        model(**one_image)
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        model(**inputs, labels=labels[:, 1:])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(ValueError, match="already applied"):
+        apply_etc(model, small_config())
+    with pytest.raises(ValueError, match="target_layer"):
+        apply_etc(tiny_llava(), small_config(target_layer=7))

@@ -98,6 +98,10 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("etc_ext").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # transformers' own bars (loading and writing weights)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------- subcommands

@@ -175,8 +175,8 @@ def apply_fsdp(
     """Shards `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`): each block of
     `sharded_block_modules`, then the root. `replicated_modules` stay unsharded, a full copy on every rank: submodules
     that callers run outside `model.forward` (e.g. an embedding called directly), whose parameters FSDP would not
-    gather in time. Parameters stay float32 (the optimizer's master weights); with `param_dtype` (e.g. bfloat16) they are cast for
-    the forward and backward, and gradients are reduced in float32.
+    gather in time. Parameters stay float32 (the optimizer's master weights); with `param_dtype` (e.g. bfloat16)
+    they are cast for the forward and backward, and gradients are reduced in float32.
 
     Call after the trainable parameters are chosen and the model is on `context.device`, and before building the
     optimizer (which must see the sharded parameters). Every rank must hold the same weights beforehand (FSDP does

@@ -424,7 +424,12 @@ class Trainer:
             if etc_config.teacher == "frozen" and not args.lora and snapshot is not None and not for_export:
                 snapshot(model)  # the starting weights, before any step and before a checkpoint is loaded
         if args.gradient_checkpointing:
-            _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base = _base(model)
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
         return model, processor, etc_config, integration
 
@@ -549,7 +554,9 @@ class Trainer:
         accumulation = self.args.gradient_accumulation_steps
         while True:
             self.sampler.set_epoch(state.epoch)
-            self.sampler.set_start(state.micro_batches_in_epoch * self.args.per_device_batch_size)
+            # (after an epoch's last, partial micro-batch the position is past the end: the epoch is done)
+            start = state.micro_batches_in_epoch * self.args.per_device_batch_size
+            self.sampler.set_start(min(start, self.sampler.num_samples))
             self.loader_generator.manual_seed(self.args.seed + state.epoch)
             iterator = iter(self.loader)
             while True:

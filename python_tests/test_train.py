@@ -437,7 +437,8 @@ def test_etc_training_saves_etc_parts_and_evaluates_compressed(etc_run, tiny_lla
     assert etc["num_compression_tokens"] == 2 and etc["etc"]["num_compression_tokens"] == 2
     assert etc["visual_tokens"] == 2 and full["visual_tokens"] == etc["visual_tokens_input"] == 144
     assert etc["kv_cache_tokens"] == pytest.approx(etc["prompt_tokens"] - 144 + 2)
-    assert etc["kv_cache_bytes"] == pytest.approx(full["kv_cache_bytes"] * etc["kv_cache_tokens"] / full["kv_cache_tokens"])
+    bytes_per_entry = full["kv_cache_bytes"] / full["kv_cache_tokens"]
+    assert etc["kv_cache_bytes"] == pytest.approx(etc["kv_cache_tokens"] * bytes_per_entry)
 
 
 @needs_etc
@@ -479,3 +480,20 @@ def test_etc_with_lora(tiny_llava_dir, shapes_data, tmp_path):
             "--json", str(out), "--no-progress"]  # fmt: skip
     assert run_in_process(argv) == 0
     assert json.loads(out.read_text())["visual_tokens"] == 2
+
+
+def test_resumable_sampler_skips_the_consumed_part_of_an_epoch():
+    from etc_ext.train import ResumableDistributedSampler
+
+    data = list(range(7))
+    for rank in (0, 1):
+        sampler = ResumableDistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        full = list(sampler)
+        assert len(full) == 4  # 7 samples padded to 8 over 2 ranks
+        sampler.set_start(2)
+        assert list(sampler) == full[2:] and len(sampler) == 2
+        sampler.set_start(4)  # the whole epoch consumed
+        assert list(sampler) == []
+        with pytest.raises(ValueError):
+            sampler.set_start(5)

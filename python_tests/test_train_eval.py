@@ -146,3 +146,15 @@ def test_console_script_entry_point(capsys):
         cli_main(["--help"])
     assert exit_info.value.code == 0 and "usage: etc-ext" in capsys.readouterr().out
     assert cli_main([]) == 2  # no subcommand: the help, and a usage error code
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from etc_ext.models.tiny import main as tiny_main
+
+    tiny_main(["--out", str(tmp_path / "tiny"), "--text-layers", "1", "--text-hidden-size", "32"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(tmp_path / "tiny")
+    assert (config.text_config.num_hidden_layers, config.text_config.hidden_size) == (1, 32)
+    assert os.path.isfile(tmp_path / "tiny" / "processor_config.json")

@@ -6,7 +6,6 @@ The reference run trains 12 steps of global batch 4 (1 process x batch 2 x 2 acc
 epochs) with a checkpoint every 4 steps; the other runs are compared with it.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,9 +24,6 @@ from etc_ext.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-# ETC's LLaVA integration (etc_ext.models.llava); the ETC tests skip until it is installed.
-HAS_ETC = importlib.util.find_spec("etc_ext.models.llava") is not None
-needs_etc = pytest.mark.skipif(not HAS_ETC, reason="needs etc_ext.models.llava (ETC's LLaVA integration)")
 ETC_CONFIG = json.dumps(
     {"num_compression_tokens": 2, "decoder_hidden_size": 32, "decoder_num_layers": 1, "vid_weight": 1e-3}
 )
@@ -109,10 +105,9 @@ def torchrun_runs(tiny_llava_dir, shapes_data, tmp_path_factory):
         train_argv(tiny_llava_dir, shapes_data, outputs["fsdp_resumed"], "--fsdp", "--resume", fsdp_checkpoint,
                    grad_accum=1),
     ]  # fmt: skip
-    if HAS_ETC:
-        outputs["etc_ddp"], outputs["etc_fsdp"] = root / "etc_ddp", root / "etc_fsdp"
-        runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_ddp"], grad_accum=1))
-        runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_fsdp"], "--fsdp", grad_accum=1))
+    outputs["etc_ddp"], outputs["etc_fsdp"] = root / "etc_ddp", root / "etc_fsdp"
+    runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_ddp"], grad_accum=1))
+    runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_fsdp"], "--fsdp", grad_accum=1))
     run_torchrun(runs)
     return outputs
 
@@ -128,8 +123,6 @@ def etc_argv(model_dir, data_dir, output, *extra, steps=4, grad_accum=2):
 @pytest.fixture(scope="module")
 def etc_run(tiny_llava_dir, shapes_data, tmp_path_factory):
     """ETC fine-tuning of the whole language model (frozen teacher), 4 steps, checkpoints at steps 2 and 4."""
-    if not HAS_ETC:
-        pytest.skip("needs etc_ext.models.llava")
     output = tmp_path_factory.mktemp("etc") / "run"
     assert run_in_process(etc_argv(tiny_llava_dir, shapes_data, output)) == 0
     return output
@@ -413,7 +406,6 @@ def etc_weights(output):
     return weights
 
 
-@needs_etc
 def test_etc_training_saves_etc_parts_and_evaluates_compressed(etc_run, tiny_llava_dir, shapes_data, tmp_path):
     records = read_metrics(etc_run)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -441,7 +433,6 @@ def test_etc_training_saves_etc_parts_and_evaluates_compressed(etc_run, tiny_lla
     assert etc["kv_cache_bytes"] == pytest.approx(etc["kv_cache_tokens"] * bytes_per_entry)
 
 
-@needs_etc
 def test_etc_resume_is_exact(etc_run, tiny_llava_dir, shapes_data, tmp_path):
     """The frozen teacher is the starting model, also after a resume (taken before the checkpoint is loaded)."""
     output = tmp_path / "etc_resumed"
@@ -452,7 +443,6 @@ def test_etc_resume_is_exact(etc_run, tiny_llava_dir, shapes_data, tmp_path):
     assert_same_weights(etc_weights(output), etc_weights(etc_run))
 
 
-@needs_etc
 @pytest.mark.parametrize("kind", ["etc_ddp", "etc_fsdp"])
 def test_etc_two_processes_follow_the_same_loss_curve(etc_run, torchrun_runs, kind):
     """ETC under DDP and FSDP (2 processes x batch 2): the 1-process CE and VID curves and weights; under FSDP the
@@ -465,7 +455,6 @@ def test_etc_two_processes_follow_the_same_loss_curve(etc_run, torchrun_runs, ki
     assert_same_weights(etc_weights(torchrun_runs[kind]), etc_weights(etc_run), atol=1e-4)
 
 
-@needs_etc
 def test_etc_with_lora(tiny_llava_dir, shapes_data, tmp_path):
     output = tmp_path / "etc_lora"
     assert run_in_process(etc_argv(tiny_llava_dir, shapes_data, output, "--lora", "--lora-rank", "4", steps=2)) == 0

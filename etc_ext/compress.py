@@ -375,17 +375,22 @@ def _write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, *, in
     reference.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
 
 
-def compact_cache(cache: DynamicCache, keep_index: torch.Tensor) -> None:
-    """Compact every layer of a `DynamicCache` in place.
+def compact_cache(cache: DynamicCache, keep_index: torch.Tensor, layers: Optional[Sequence[int]] = None) -> None:
+    """Compact the layers of a `DynamicCache` in place.
 
     Args:
         cache: a `DynamicCache` whose layers hold `(B, Hkv, C, D)` keys and values.
         keep_index: int64 `(B, K)`: slot k of row b receives entry `keep_index[b, k]`; -1 leaves slot k empty
             (zeros; mask it out).
+        layers: indices of the layers to compact (default: all), e.g. only the layers that still hold every entry
+            when the others were filled with the kept ones.
     """
     batch_size, num_kept = keep_index.shape
     slot_mapping = None
+    selected = set(range(len(cache.layers)) if layers is None else layers)
     for layer_idx, layer in enumerate(cache.layers):
+        if layer_idx not in selected:
+            continue
         if not isinstance(layer, DynamicLayer) or layer.is_sliding:
             raise ValueError(
                 f"compact_cache: layer {layer_idx} is a {type(layer).__name__}; only full-attention DynamicLayer "

@@ -220,6 +220,7 @@ PREFILL_CASES = {
     "images_of_different_sizes_across_rows": (CHAT, "segmented"),
     "two_images_of_different_sizes": (TWO_IMAGES, "segmented"),
     "video_prompt": (VIDEO_PROMPT, "segmented"),
+    "image_and_video": ([[2, ("I", 4, 6), 3, ("V", 2, 4, 4), 3], [2, ("I", 4, 4), 1, ("V", 2, 4, 4), 5]], "segmented"),
     "different_image_counts": (IMAGE_COUNTS, "masked"),
 }
 
@@ -279,9 +280,11 @@ def test_masked_pass_under_eager_attention_and_flash_attention_is_refused():
 
 
 # ============================================================================ generation
-@pytest.mark.parametrize("case", ["two_images_of_different_sizes", "video_prompt", "different_image_counts"])
+@pytest.mark.parametrize(
+    "case", ["two_images_of_different_sizes", "video_prompt", "different_image_counts", "one_prompt_no_padding"]
+)
 def test_generate_matches_the_uncached_loop(case):
-    rows, _ = PREFILL_CASES[case]
+    rows = [[3, ("I", 4, 6), 5]] if case == "one_prompt_no_padding" else PREFILL_CASES[case][0]
     model = apply_etc(tiny_qwen3_vl(), small_config())
     inputs, _, units = make_batch(rows)
     steps = 4
@@ -516,6 +519,25 @@ def test_frozen_teacher_with_lora_is_the_base_model():
     model.get_base_model().etc.config.teacher = "self"  # the current model: adapters on
     current = instruction_target(model, labels=labels, **inputs)["target"]
     assert not torch.allclose(current[0], expected[0], atol=1e-4)
+
+
+def test_frozen_teacher_under_full_fine_tuning_is_the_starting_model():
+    """Without LoRA the teacher is a snapshot of the starting model, its vision tower included when that trains."""
+    model = apply_etc(tiny_qwen3_vl(), small_config(vid_weight=1e-3, freeze_vision_tower=False))
+    inputs, labels, _ = make_batch(CHAT, answer=2)
+    before = instruction_target(model, labels=labels, **inputs)["target"]
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+    assert model.model.visual.merger.linear_fc2.weight.grad.abs().sum() > 0  # the vision tower did train
+    for got, want in zip(instruction_target(model, labels=labels, **inputs)["target"], before):
+        torch.testing.assert_close(got, want)  # the snapshot did not move
+    model.etc.config.teacher = "self"
+    current = instruction_target(model, labels=labels, **inputs)["target"]
+    assert not torch.allclose(current[0], before[0], atol=1e-4)  # the current model did
 
 
 # ============================================================================ checkpoints

@@ -11,6 +11,8 @@ and the KV-cache bytes after the prefill (full vs M compression tokens per image
 
     python bench/bench_qwen3_vl_prefill.py                        # N = 1024 visual tokens (64 x 64 patches), CPU
     python bench/bench_qwen3_vl_prefill.py --grid 8 12 --repeats 3   # N = 24, the test-size image
+
+On a shared CPU pass `--threads 1`: intra-op threads on a loaded machine mostly measure contention.
 """
 
 import argparse

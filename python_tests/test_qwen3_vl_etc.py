@@ -16,6 +16,7 @@ import etc_ext  # noqa: F401  (loads the ops)
 from etc_ext.compress import COMPRESSION, TEXT, VISUAL, ETCCache, bottleneck_mask, etc_prefill
 from etc_ext.config import ETCConfig
 from etc_ext.distill import DistillHead, VIDDecoder, vid_loss
+from etc_ext.models.loading import integration_for
 from etc_ext.models.qwen3_vl import (
     ETCQwen3VLForConditionalGeneration,
     apply_etc,
@@ -161,6 +162,7 @@ def test_disabled_and_removed_reproduce_the_original_model():
         reference_generation = original.generate(**inputs, max_new_tokens=3, do_sample=False)
         apply_etc(model, small_config())
         assert isinstance(model, ETCQwen3VLForConditionalGeneration)
+        assert integration_for(model).apply_etc is apply_etc  # what `etc-ext train` finds for this model
         assert model.etc.config.num_visual_tokens == 16 and decoder_position_grid(model.config) == (4, 4)
         compressed = model(**inputs).logits
         model.etc.enabled = False
@@ -625,3 +627,12 @@ def test_bad_inputs_raise_clear_errors():
         model(**pre_encoded, mm_encoder_outputs={"image": encoded})
     with pytest.raises(ValueError, match="either pixel_values or mm_encoder_outputs"):
         model(**inputs, mm_encoder_outputs={"image": encoded})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's ops are far too small for intra-op threads; on a shared CPU they only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -189,6 +189,12 @@ def test_positions_are_get_rope_index_of_the_extended_sequence():
         inputs["attention_mask"],
     )  # fmt: skip
     torch.testing.assert_close(prepared.position_ids, user_positions, rtol=0, atol=0)
+    with torch.no_grad():  # given positions (3 or 4 rows, as generate() makes them) are the same positions
+        computed = model(**inputs).logits
+        text_row = inputs["attention_mask"].cumsum(-1)[None] - 1
+        torch.testing.assert_close(model(**inputs, position_ids=user_positions).logits, computed, rtol=0, atol=0)
+        with_text_row = torch.cat([text_row, user_positions])
+        torch.testing.assert_close(model(**inputs, position_ids=with_text_row).logits, computed, rtol=0, atol=0)
     # Units: images and each temporal group of the video, in sequence order, with their own N.
     assert layout.spans.num_tokens.tolist() == [n for row in units for n in row] == [6, 4, 4, 8]
     assert prepared.grids.tolist() == [[1, 2, 3], [1, 2, 2], [1, 2, 2], [1, 4, 2]]
@@ -602,7 +608,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="no image token"):
         model(**no_image)
     first = int(inputs["image_grid_thw"][0].prod())
-    one_image = {**inputs, "pixel_values": inputs["pixel_values"][:first], "image_grid_thw": inputs["image_grid_thw"][:1]}
+    one_image = {**inputs, "pixel_values": inputs["pixel_values"][:first]}
+    one_image["image_grid_thw"] = inputs["image_grid_thw"][:1]
     with pytest.raises(ValueError, match="Image tokens and image features do not match"):
         model(**one_image)
     with pytest.raises(ValueError, match="Image tokens and image features do not match.*no pixel values"):
@@ -618,6 +625,8 @@ def test_bad_inputs_raise_clear_errors():
         model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
     with pytest.raises(ValueError, match="mm_token_type_ids do not match input_ids"):
         model(**{**inputs, "mm_token_type_ids": torch.zeros_like(inputs["mm_token_type_ids"])})
+    with pytest.raises(ValueError, match="position_ids must be"):
+        model(**inputs, position_ids=torch.zeros(3, 2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="labels go with the training forward"):
         model(**inputs, labels=labels, use_cache=True)
     with torch.no_grad():

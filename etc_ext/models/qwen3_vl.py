@@ -238,18 +238,18 @@ class ETCQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw,
         )
-        prepared = self._etc_inputs(input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, encoded)
-        if cache is not None or use_cache:
-            if labels is not None:
-                raise ValueError(
-                    "ETC: labels go with the training forward (no cache); the prefill (cache / use_cache=True) "
-                    "returns only the last token's logits."
-                )
-            if cache is not None and cache.get_seq_length() > 0:
-                raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
-            return self._etc_prefill(
-                prepared, input_ids.shape[1], cache, etc_prefill_method or self.etc.prefill_method
+        prefill = cache is not None or bool(use_cache)
+        if prefill and labels is not None:
+            raise ValueError(
+                "ETC: labels go with the training forward (no cache); the prefill (cache / use_cache=True) returns "
+                "only the last token's logits."
             )
+        if prefill and cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
+        prepared = self._etc_inputs(input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, encoded)
+        if prefill:
+            method = etc_prefill_method or self.etc.prefill_method
+            return self._etc_prefill(prepared, input_ids.shape[1], cache, method)
         return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs)
 
     # ---------------------------------------------------------------------------------------------- inputs
@@ -329,14 +329,16 @@ class ETCQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         """`(3, B, L)` M-RoPE positions of the user's sequence: the given ones (generate() passes `(4, B, L)`, the
         text row first), else `get_rope_index`."""
         if position_ids is not None:
-            if position_ids.dim() == 3 and position_ids.shape[0] == 4:
-                return position_ids[1:]
-            if position_ids.dim() == 3 and position_ids.shape[0] == 3:
-                return position_ids
-            if position_ids.dim() == 2:
+            batch_size, length = input_ids.shape
+            if position_ids.dim() == 2 and position_ids.shape == (batch_size, length):
                 return position_ids[None].expand(3, -1, -1)
+            if position_ids.dim() == 3 and position_ids.shape[0] in (3, 4) and position_ids.shape[1:] == (
+                batch_size, length
+            ):
+                return position_ids[-3:]  # generate()'s (4, B, L) has the text row first
             raise ValueError(
-                f"position_ids must be (batch, seq), (3, batch, seq) or (4, batch, seq), got {list(position_ids.shape)}"
+                f"position_ids must be ({batch_size}, {length}), (3, {batch_size}, {length}) or (4, {batch_size}, "
+                f"{length}) for input_ids of shape {[batch_size, length]}, got {list(position_ids.shape)}"
             )
         missing = [
             name

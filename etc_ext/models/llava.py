@@ -48,7 +48,7 @@ from ..distill import (
     resolve_target_layer,
 )
 from . import common
-from .common import ETCModules, FrozenTeacher, check_etc_inputs, instruction_index, unwrap_peft
+from .common import ETCModules, FrozenTeacher, check_etc_inputs, unwrap_peft
 
 __all__ = [
     "ETCLlavaCausalLMOutputWithPast",

@@ -135,6 +135,8 @@ def install_etc(
         raise TypeError(f"apply_etc expects a {model_class.__name__}, got {type(base).__name__}")
     if isinstance(getattr(base, "etc", None), ETCModules):
         raise ValueError("ETC is already applied to this model (remove_etc(model) first)")
+    if getattr(base, "baseline", None) is not None:
+        raise ValueError("a training-free baseline is applied to this model (etc_ext.baselines.remove_baseline first)")
     text_config = base.config.get_text_config()
     expected = {"hidden_size": text_config.hidden_size, "num_visual_tokens": num_visual_tokens}
     for name, value in expected.items():

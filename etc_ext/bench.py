@@ -483,3 +483,131 @@ through the layers (46 % of the full prompt), which no ETC pass does: counting o
 cache) gives {c['ours_etc_text_pass_only_tflops']:.3f} T, far below; adding the vision tower adds to both rows alike. We could not find an
 assumption that gives 1.37 T: it is unexplained (it may include decoding, the vision tower, or token pruning
 inside the LLM that the paper does not describe to us)."""
+
+
+# ============================================================================================ runner
+SECTIONS = ("ops", "e2e", "memory", "projections")
+
+
+def plot_e2e(rows: list, path) -> None:
+    """Prefill ms, decode ms/token and KV bytes relative to the full model, one panel each, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        part = [r for r in rows if r["model"] == model]
+        labels = [r["method"] if r["method"] == "full" else f"{r['method']} {r['visual_tokens_kept']}" for r in part]
+        for ax, key, title in zip(
+            axes[i],
+            ("prefill_ms", "decode_ms_per_token", "kv_vs_full"),
+            ("prefill ms (median)", "decode ms / token (median)", "KV bytes / full"),
+        ):
+            ax.bar(range(len(part)), [r[key] for r in part])
+            ax.set_xticks(range(len(part)), labels, rotation=70, ha="right", fontsize=7)
+            ax.set_title(f"{model}: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def header_line(device: str) -> str:
+    from . import __version__
+
+    return (
+        f"etc_ext {__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible"
+    )
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def build_parser(prog: str = "python -m etc_ext.bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Benchmarks: the ops vs the PyTorch path (source checkout only), end to end on tiny LLaVA and "
+        "Qwen3-VL models, the memory of ETC's target scores, analytic projections to LLaVA-1.5-7B and Qwen3-VL-2B.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, variants and repeats (a smoke run)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds of the end-to-end runs")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per end-to-end run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the measured peak-memory probes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="ops section")
+    parser.add_argument("--out", default="outputs/bench", help="folder of the JSON and PNG files")
+
+
+def run(args, op_section=None) -> dict:
+    """Runs the chosen sections, prints their tables, writes `bench.json` (and `e2e.png`) under `args.out`.
+    `op_section(device, quick, with_memory, out)` returns the op rows (bench/run.py provides it)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(header_line(args.device), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"header": header_line(args.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if "ops" in args.sections:
+        if op_section is None:
+            print("\n[ops] skipped: the op benchmarks live in the source checkout's bench/ (python bench/run.py)")
+        else:
+            print("\n[ops] etc_ext ops vs the eager reference and torch.compile(reference); x = their time / ours")
+            results["ops"] = op_section(args.device, args.quick, not args.no_memory, out)
+    if "e2e" in args.sections:
+        print("\n[e2e] generate() on tiny models, CPU fp32, batch 1: medians (and minima) of interleaved rounds")
+        rows = e2e_rows(args.quick, threads=torch.get_num_threads(), repeats=args.repeats, new_tokens=args.new_tokens)
+        print(format_e2e(rows), flush=True)
+        plot_e2e(rows, out / "e2e.png")
+        results["e2e"] = rows
+    if "memory" in args.sections:
+        print("\n[memory] extra peak memory of the instruction scores (ETC's target) vs output_attentions")
+        rows = ([] if args.no_memory else target_memory_rows(args.quick)) + target_memory_projection()
+        print(format_memory(rows), flush=True)
+        results["memory"] = rows
+    if "projections" in args.sections:
+        print("\n[projections] etc_ext.cost on the real configs (meta device), one image; the paper's 1024 -> 1")
+        rows = projection_rows()
+        print(format_projections(rows))
+        print(paper_notes())
+        results["projections"] = rows
+        results["paper"] = PAPER
+        results["paper_comparison"] = paper_comparison()
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'e2e.png'}" if "e2e" in results else ""))
+    return results
+
+
+def find_op_section():
+    """The op section of bench/run.py when etc_ext runs from a source checkout (None for an installed package)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not script.is_file():
+        return None
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("etc_ext_bench_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "op_section", None)
+
+
+def main(argv: list[str] | None = None, op_section=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args, op_section if op_section is not None else find_op_section())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,18 +98,22 @@ def aggregation_weights(
     """Merge weights, float32 `(B, K, N)`: softmax over valid n of logits + log(importance).
 
     Tokens with zero importance or mask False get exactly zero weight; a row with no
-    such token left gets all zeros.
+    such token left (or whose valid logits are all -inf) gets all zeros. Computed in
+    float32, or float64 for float64 logits.
     """
-    z = logits.float()  # (B, K, N)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype)  # (B, K, N)
     valid = torch.ones(z.shape[0], z.shape[2], dtype=torch.bool, device=z.device)
     if importance is not None:
         valid = valid & (importance > 0)
-        z = z + torch.log(importance.float().clamp_min(torch.finfo(torch.float32).tiny))[:, None, :]
+        z = z + torch.log(importance.to(dtype).clamp_min(torch.finfo(dtype).tiny))[:, None, :]
     if mask is not None:
         valid = valid & mask
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
-    weights = torch.softmax(z, dim=-1)
-    return torch.where(valid.any(dim=-1)[:, None, None], weights, torch.zeros_like(weights))
+    # Softmax of an all -inf row is NaN (and so is its gradient): such rows give zeros.
+    alive = (z > float("-inf")).any(dim=-1, keepdim=True)  # (B, K, 1)
+    weights = torch.softmax(torch.where(alive, z, torch.zeros_like(z)), dim=-1)
+    return torch.where(alive, weights, torch.zeros_like(weights))
 
 
 def weighted_aggregate(
@@ -126,8 +130,9 @@ def weighted_aggregate(
         importance: float32 `(B, N)` >= 0, biases the softmax by log(importance).
         mask: bool `(B, N)`, True = token may be merged.
     """
-    weights = aggregation_weights(logits, importance, mask)
-    return torch.matmul(weights, x.float()).to(x.dtype)
+    weights = aggregation_weights(logits, importance, mask)  # (B, K, N)
+    dtype = torch.promote_types(weights.dtype, x.dtype)  # float32, or float64
+    return torch.matmul(weights.to(dtype), x.to(dtype)).to(x.dtype)
 
 
 def write_compressed_kv(

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace etc_ext {
 
@@ -30,6 +31,21 @@ inline float load_acc(const c10::Half* p) {
 #else
   return static_cast<float>(*p);
 #endif
+}
+
+// Stores an accumulation-type value, rounding to nearest even. The bf16 case is written
+// without branches (c10's conversion tests for NaN with a branch, which keeps the loops
+// around it scalar).
+template <typename dst_t, typename acc_t>
+inline void store_acc(dst_t* p, acc_t v) {
+  *p = static_cast<dst_t>(v);
+}
+inline void store_acc(c10::BFloat16* p, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint16_t out = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+  std::memcpy(p, &out, sizeof(out));
 }
 
 }  // namespace etc_ext

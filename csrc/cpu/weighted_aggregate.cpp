@@ -361,7 +361,7 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
           scalar_t* dst = out_ptr + (b * rows + k) * channels + c_begin;
           const int64_t width = c_end - c_begin;
 #pragma omp simd
-          for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+          for (int64_t c = 0; c < width; ++c) store_acc(dst + c, src[c]);
         }
       }
     }

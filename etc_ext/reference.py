@@ -10,11 +10,6 @@ from typing import Optional
 
 import torch
 
-def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 accumulation like the kernels; float64 stays float64 (the tests' oracle)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 __all__ = [
     "cross_attn_scores",
     "aggregation_weights",
@@ -38,9 +33,8 @@ def cross_attn_probs(
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     # GQA: query head h reads kv head h // (H / Hkv).
-    dtype = _accumulate_dtype(q)
-    k = k.to(dtype).repeat_interleave(num_heads // num_kv_heads, dim=1)
-    logits = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale  # (B, H, T, N)
+    k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+    logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (B, H, T, N)
 
     visible = torch.ones(batch_size, 1, 1, num_keys, dtype=torch.bool, device=q.device)
     if kv_mask is not None:
@@ -79,20 +73,19 @@ def cross_attn_scores(
     batch_size, num_heads, num_queries, _ = q.shape
     num_keys = k.shape[2]
     probs = cross_attn_probs(q, k, scale=scale, kv_mask=kv_mask, q_pos=q_pos)
-    dtype = probs.dtype
 
     if q_mask is None:
-        q_valid = torch.ones(batch_size, num_queries, dtype=dtype, device=q.device)
+        q_valid = torch.ones(batch_size, num_queries, dtype=torch.float32, device=q.device)
     else:
-        q_valid = q_mask.to(dtype)
+        q_valid = q_mask.float()
     count = q_valid.sum(dim=1) * num_heads  # (B,)
     summed = (probs * q_valid[:, None, :, None]).sum(dim=(1, 2))  # (B, N)
     scores = summed / count.clamp_min(1.0)[:, None]
 
     if kv_mask is None:
-        kv_valid = torch.ones(batch_size, num_keys, dtype=dtype, device=q.device)
+        kv_valid = torch.ones(batch_size, num_keys, dtype=torch.float32, device=q.device)
     else:
-        kv_valid = kv_mask.to(dtype)
+        kv_valid = kv_mask.float()
     uniform = kv_valid / kv_valid.sum(dim=1, keepdim=True).clamp_min(1.0)
     return torch.where(count[:, None] > 0, scores, uniform)
 
@@ -105,9 +98,10 @@ def aggregation_weights(
     """Merge weights, float32 `(B, K, N)`: softmax over valid n of logits + log(importance).
 
     Tokens with zero importance or mask False get exactly zero weight; a row with no
-    such token left gets all zeros.
+    such token left (or whose valid logits are all -inf) gets all zeros. Computed in
+    float32, or float64 for float64 logits.
     """
-    dtype = _accumulate_dtype(logits)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(dtype)  # (B, K, N)
     valid = torch.ones(z.shape[0], z.shape[2], dtype=torch.bool, device=z.device)
     if importance is not None:
@@ -116,8 +110,10 @@ def aggregation_weights(
     if mask is not None:
         valid = valid & mask
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
-    weights = torch.softmax(z, dim=-1)
-    return torch.where(valid.any(dim=-1)[:, None, None], weights, torch.zeros_like(weights))
+    # Softmax of an all -inf row is NaN (and so is its gradient): such rows give zeros.
+    alive = (z > float("-inf")).any(dim=-1, keepdim=True)  # (B, K, 1)
+    weights = torch.softmax(torch.where(alive, z, torch.zeros_like(z)), dim=-1)
+    return torch.where(alive, weights, torch.zeros_like(weights))
 
 
 def weighted_aggregate(
@@ -134,8 +130,9 @@ def weighted_aggregate(
         importance: float32 `(B, N)` >= 0, biases the softmax by log(importance).
         mask: bool `(B, N)`, True = token may be merged.
     """
-    weights = aggregation_weights(logits, importance, mask)
-    return torch.matmul(weights, x.to(weights.dtype)).to(x.dtype)
+    weights = aggregation_weights(logits, importance, mask)  # (B, K, N)
+    dtype = torch.promote_types(weights.dtype, x.dtype)  # float32, or float64
+    return torch.matmul(weights.to(dtype), x.to(dtype)).to(x.dtype)
 
 
 def write_compressed_kv(
@@ -171,9 +168,8 @@ def write_compressed_kv(
         new_keys = torch.gather(key, 2, gather_idx)  # (B, Hkv, K, D)
         new_values = torch.gather(value, 2, gather_idx)
     else:
-        dtype = torch.promote_types(_accumulate_dtype(key), weights.dtype)
-        new_keys = torch.einsum("bkn,bhnd->bhkd", weights.to(dtype), key.to(dtype))
-        new_values = torch.einsum("bkn,bhnd->bhkd", weights.to(dtype), value.to(dtype))
+        new_keys = torch.einsum("bkn,bhnd->bhkd", weights.float(), key.float())
+        new_values = torch.einsum("bkn,bhnd->bhkd", weights.float(), value.float())
 
     write = slot_mapping >= 0  # (B, K)
     slots = slot_mapping[write]

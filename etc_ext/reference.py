@@ -10,6 +10,11 @@ from typing import Optional
 
 import torch
 
+def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 accumulation like the kernels; float64 stays float64 (the tests' oracle)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 __all__ = [
     "cross_attn_scores",
     "aggregation_weights",
@@ -33,8 +38,9 @@ def cross_attn_probs(
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     # GQA: query head h reads kv head h // (H / Hkv).
-    k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
-    logits = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # (B, H, T, N)
+    dtype = _accumulate_dtype(q)
+    k = k.to(dtype).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    logits = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale  # (B, H, T, N)
 
     visible = torch.ones(batch_size, 1, 1, num_keys, dtype=torch.bool, device=q.device)
     if kv_mask is not None:
@@ -73,19 +79,20 @@ def cross_attn_scores(
     batch_size, num_heads, num_queries, _ = q.shape
     num_keys = k.shape[2]
     probs = cross_attn_probs(q, k, scale=scale, kv_mask=kv_mask, q_pos=q_pos)
+    dtype = probs.dtype
 
     if q_mask is None:
-        q_valid = torch.ones(batch_size, num_queries, dtype=torch.float32, device=q.device)
+        q_valid = torch.ones(batch_size, num_queries, dtype=dtype, device=q.device)
     else:
-        q_valid = q_mask.float()
+        q_valid = q_mask.to(dtype)
     count = q_valid.sum(dim=1) * num_heads  # (B,)
     summed = (probs * q_valid[:, None, :, None]).sum(dim=(1, 2))  # (B, N)
     scores = summed / count.clamp_min(1.0)[:, None]
 
     if kv_mask is None:
-        kv_valid = torch.ones(batch_size, num_keys, dtype=torch.float32, device=q.device)
+        kv_valid = torch.ones(batch_size, num_keys, dtype=dtype, device=q.device)
     else:
-        kv_valid = kv_mask.float()
+        kv_valid = kv_mask.to(dtype)
     uniform = kv_valid / kv_valid.sum(dim=1, keepdim=True).clamp_min(1.0)
     return torch.where(count[:, None] > 0, scores, uniform)
 
@@ -101,7 +108,7 @@ def aggregation_weights(
     such token left (or whose valid logits are all -inf) gets all zeros. Computed in
     float32, or float64 for float64 logits.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
+    dtype = _accumulate_dtype(logits)
     z = logits.to(dtype)  # (B, K, N)
     valid = torch.ones(z.shape[0], z.shape[2], dtype=torch.bool, device=z.device)
     if importance is not None:
@@ -131,8 +138,7 @@ def weighted_aggregate(
         mask: bool `(B, N)`, True = token may be merged.
     """
     weights = aggregation_weights(logits, importance, mask)  # (B, K, N)
-    dtype = torch.promote_types(weights.dtype, x.dtype)  # float32, or float64
-    return torch.matmul(weights.to(dtype), x.to(dtype)).to(x.dtype)
+    return torch.matmul(weights, x.to(weights.dtype)).to(x.dtype)
 
 
 def write_compressed_kv(
@@ -168,8 +174,9 @@ def write_compressed_kv(
         new_keys = torch.gather(key, 2, gather_idx)  # (B, Hkv, K, D)
         new_values = torch.gather(value, 2, gather_idx)
     else:
-        new_keys = torch.einsum("bkn,bhnd->bhkd", weights.float(), key.float())
-        new_values = torch.einsum("bkn,bhnd->bhkd", weights.float(), value.float())
+        dtype = torch.promote_types(_accumulate_dtype(key), weights.dtype)
+        new_keys = torch.einsum("bkn,bhnd->bhkd", weights.to(dtype), key.to(dtype))
+        new_values = torch.einsum("bkn,bhnd->bhkd", weights.to(dtype), value.to(dtype))
 
     write = slot_mapping >= 0  # (B, K)
     slots = slot_mapping[write]

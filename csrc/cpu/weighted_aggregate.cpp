@@ -308,7 +308,8 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
       at::Tensor w = at::empty({rows, tokens}, x.options());
       float* w_ptr = w.data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b) {
-        at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / tokens), [&](int64_t k0, int64_t k1) {
+        const int64_t grain = std::max<int64_t>(1, 4096 / tokens);
+        at::parallel_for(0, rows, grain, [&](int64_t k0, int64_t k1) {
           for (int64_t k = k0; k < k1; ++k) {
             softmax_row(logits_ptr + (b * rows + k) * tokens, bias_ptr + b * tokens, tokens,
                         w_ptr + k * tokens);
@@ -341,8 +342,9 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
         // acc[k][c]: row k - g0 of the group, channel c_begin + c.
         std::fill(acc.begin(), acc.end(), acc_t(0));
         if (streaming) {
-          stream_block<kStreamRows>(static_cast<int>(g1 - g0), xb + c_begin, x_stride_n, tokens,
-                       c_end - c_begin, weights.data(), tokens, acc.data(), chunk_cols);
+          stream_block<kStreamRows>(static_cast<int>(g1 - g0), xb + c_begin, x_stride_n,
+                                    tokens, c_end - c_begin, weights.data(), tokens, acc.data(),
+                                    chunk_cols);
         }
         for (int64_t n0 = 0; !streaming && n0 < tokens; n0 += kTokenChunk) {
           const int64_t count = std::min(kTokenChunk, tokens - n0);
@@ -351,8 +353,8 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
             for (int64_t k0 = g0; k0 < g1; k0 += kRowBlock) {
               const int block = static_cast<int>(std::min<int64_t>(kRowBlock, g1 - k0));
               tile_rows<kRowBlock>(block, panel.data() + t * count * CT,
-                        weights.data() + (k0 - g0) * tokens + n0, tokens, count,
-                        acc.data() + (k0 - g0) * chunk_cols + t * CT, chunk_cols);
+                                   weights.data() + (k0 - g0) * tokens + n0, tokens, count,
+                                   acc.data() + (k0 - g0) * chunk_cols + t * CT, chunk_cols);
             }
           }
         }

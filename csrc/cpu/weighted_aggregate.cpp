@@ -1,16 +1,17 @@
 // CPU kernel of weighted_aggregate: out[b, k, :] = sum_n w[b, k, n] * x[b, n, :] with
 // w = softmax over valid n of logits + log(importance), fp32 accumulation, in one pass.
 //
-// A task owns one batch row b and a chunk of channels. For a group of rows of K it computes
-// their softmax weights into a per-thread buffer (never a [B, K, N] tensor), then:
+// float16/bfloat16 (and float64) x: a task owns one batch row b and a chunk of channels. For
+// a group of rows of K it computes their softmax weights into a per-thread buffer (never a
+// [B, K, N] tensor), then
 //   - K <= 4 (memory bound): streams the rows of x once, contiguous channels, each updating
 //     the K accumulator rows in L1 (fp16/bf16 converted in registers);
 //   - larger K (compute bound): per chunk of tokens, copies x[b, tokens, channels] once into
 //     a small tile-major fp32 panel (the only conversion of fp16/bf16 x) and runs a
 //     register-blocked multiply-add over it, 8 rows x 32 channels of accumulators. The
-//     panel stays in L2 while every row block reads it, so x is read from memory once;
-//   - except float32 x with larger K: there x needs no conversion and the sum is a plain
-//     GEMM per batch row, so it goes to ATen's BLAS (see weighted_aggregate_kernel).
+//     panel stays in L2 while every row block reads it, so x is read from memory once.
+// float32 x needs no conversion and the sum is a plain GEMM per batch row: the softmax rows
+// go to one [K, N] buffer and the product to ATen's BLAS (see weighted_aggregate_kernel).
 #include "../checks.h"
 #include "../ops.h"
 #include "float_convert.h"
@@ -280,6 +281,27 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
   const acc_t* bias_ptr = bias.data_ptr<acc_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // float32 x needs no conversion, so the weighted sum of each batch row is a plain GEMM:
+    // ATen's BLAS (MKL here, ~95% of peak) beats our compiler-vectorized tile (~75%) for
+    // large K and matches our streaming loop for small K, where both run at memory
+    // bandwidth. Only one [K, N] weight buffer exists at a time.
+    at::Tensor w = at::empty({rows, tokens}, x.options());
+    float* w_ptr = w.data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t grain = std::max<int64_t>(1, 4096 / tokens);
+      at::parallel_for(0, rows, grain, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          softmax_row(logits_ptr + (b * rows + k) * tokens, bias_ptr + b * tokens, tokens,
+                      w_ptr + k * tokens);
+        }
+      });
+      at::Tensor out_b = out.select(0, b);
+      at::mm_out(out_b, w, x.select(0, b));
+    }
+    return;
+  }
+
   // Tasks: (b, chunk of channel tiles), enough of them to balance the threads. Each task
   // recomputes the softmax of its rows: K*N exps against K*N*chunk multiply-adds. The
   // packed path caps the chunk so its panel stays in L2; the streaming path prefers long
@@ -299,27 +321,6 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
   const int64_t group_rows = std::min<int64_t>(
       rows, std::max<int64_t>(kRowBlock, kWeightBufferFloats / tokens / kRowBlock * kRowBlock));
   const int64_t chunk_cols = tiles_per_task * CT;
-
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!streaming) {
-      // float32 x needs no conversion, so the weighted sum of each batch row is a plain GEMM:
-      // ATen's BLAS (MKL here, ~95% of peak) beats our compiler-vectorized tile (~75%).
-      // Only one [K, N] weight buffer exists at a time.
-      at::Tensor w = at::empty({rows, tokens}, x.options());
-      float* w_ptr = w.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b) {
-        at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / tokens), [&](int64_t k0, int64_t k1) {
-          for (int64_t k = k0; k < k1; ++k) {
-            softmax_row(logits_ptr + (b * rows + k) * tokens, bias_ptr + b * tokens, tokens,
-                        w_ptr + k * tokens);
-          }
-        });
-        at::Tensor out_b = out.select(0, b);
-        at::mm_out(out_b, w, x.select(0, b));
-      }
-      return;
-    }
-  }
 
   at::parallel_for(0, batch * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> weights(static_cast<size_t>(group_rows * tokens));
@@ -341,8 +342,9 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
         // acc[k][c]: row k - g0 of the group, channel c_begin + c.
         std::fill(acc.begin(), acc.end(), acc_t(0));
         if (streaming) {
-          stream_block<kStreamRows>(static_cast<int>(g1 - g0), xb + c_begin, x_stride_n, tokens,
-                       c_end - c_begin, weights.data(), tokens, acc.data(), chunk_cols);
+          stream_block<kStreamRows>(static_cast<int>(g1 - g0), xb + c_begin, x_stride_n,
+                                    tokens, c_end - c_begin, weights.data(), tokens, acc.data(),
+                                    chunk_cols);
         }
         for (int64_t n0 = 0; !streaming && n0 < tokens; n0 += kTokenChunk) {
           const int64_t count = std::min(kTokenChunk, tokens - n0);
@@ -351,8 +353,8 @@ void weighted_aggregate_kernel(const at::Tensor& x,       // [B, N, C], stride(2
             for (int64_t k0 = g0; k0 < g1; k0 += kRowBlock) {
               const int block = static_cast<int>(std::min<int64_t>(kRowBlock, g1 - k0));
               tile_rows<kRowBlock>(block, panel.data() + t * count * CT,
-                        weights.data() + (k0 - g0) * tokens + n0, tokens, count,
-                        acc.data() + (k0 - g0) * chunk_cols + t * CT, chunk_cols);
+                                   weights.data() + (k0 - g0) * tokens + n0, tokens, count,
+                                   acc.data() + (k0 - g0) * chunk_cols + t * CT, chunk_cols);
             }
           }
         }

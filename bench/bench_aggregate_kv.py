@@ -48,26 +48,26 @@ def compiled_reference():
     return _compiled_reference
 
 
-def aggregate_inputs(batch, rows, dtype, seed=0):
+def aggregate_inputs(batch, rows, dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, TOKENS, HIDDEN, generator=gen).to(dtype)
-    logits = torch.randn(batch, rows, TOKENS, generator=gen)
+    x = torch.randn(batch, TOKENS, HIDDEN, generator=gen).to(dtype).to(device)
+    logits = torch.randn(batch, rows, TOKENS, generator=gen).to(device)
     return x, logits
 
 
-def kv_inputs(batch=1, seed=0):
+def kv_inputs(batch=1, seed=0, device="cpu"):
     """32 layers of (key, value) (B, Hkv, L, D) and keep_index (B, 74)."""
     gen = torch.Generator().manual_seed(seed)
     length = PREFIX + VISUAL + COMPRESSION + TEXT
     layers = [
         (
-            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE),
-            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE),
+            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device),
+            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device),
         )
         for _ in range(LAYERS)
     ]
     keep = torch.cat([torch.arange(PREFIX), torch.arange(PREFIX + VISUAL, length)])
-    return layers, keep[None].expand(batch, -1).contiguous()
+    return layers, keep[None].expand(batch, -1).contiguous().to(device)
 
 
 def gather_loop(layers, keep):
@@ -158,11 +158,11 @@ def _time_ms(fn, min_run_time: float, repeats: int) -> float:
     return best * 1e3
 
 
-def run_table(quick: bool) -> list:
-    """Measure every row with torch.utils.benchmark; returns one dict per row:
-    {op, shape, dtype, ours_ms, eager_ms, compile_ms, ratio_eager, ratio_compile, ours_gbps,
-    threads, ...}. ratio_* = their time / ours (> 1: ours is faster). quick: fewer shapes and
-    shorter runs."""
+def run_table(quick: bool, device: str = "cpu") -> list:
+    """Measure every row with torch.utils.benchmark (which synchronizes CUDA); returns one
+    dict per row: {op, shape, case (short form of shape, for bench/run.py), dtype, ours_ms,
+    eager_ms, compile_ms, ratio_eager, ratio_compile, ours_gbps, threads, ...}. ratio_* =
+    their time / ours (> 1: ours is faster). quick: fewer shapes and shorter runs."""
     min_run_time, repeats = (0.2, 2) if quick else (0.5, 3)
     rows_out = []
     threads = torch.get_num_threads()
@@ -172,7 +172,7 @@ def run_table(quick: bool) -> list:
         for dtype in DTYPES:
             for batch in batches:
                 for rows in ks:
-                    x, logits = aggregate_inputs(batch, rows, dtype)
+                    x, logits = aggregate_inputs(batch, rows, dtype, device=device)
                     compiled = compiled_reference()
                     compiled(x, logits)  # compile outside the timing
                     ours = _time_ms(lambda: ops.weighted_aggregate(x, logits), min_run_time, repeats)
@@ -183,6 +183,8 @@ def run_table(quick: bool) -> list:
                         dict(
                             op="weighted_aggregate",
                             shape=f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows}",
+                            case=f"B={batch} K={rows}",
+                            device=str(device),
                             dtype=str(dtype).replace("torch.", ""),
                             ours_ms=ours,
                             eager_ms=eager,
@@ -194,7 +196,7 @@ def run_table(quick: bool) -> list:
                             threads=threads,
                         )
                     )
-        layers, keep = kv_inputs()
+        layers, keep = kv_inputs(device=device)
         compiled = compiled_gather_loop()
         compiled(layers, keep)
         ours = _time_ms(lambda: compact_ours(layers, keep), min_run_time, repeats)
@@ -204,8 +206,10 @@ def run_table(quick: bool) -> list:
         moved = 2 * 2 * LAYERS * keep.numel() * KV_HEADS * HEAD_DIM * layers[0][0].element_size()  # read + write, k + v
         rows_out.append(
             dict(
-                op=f"kv_compaction_{LAYERS}_layers",
+                op=f"kv_compaction_{LAYERS}L",
                 shape=f"({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep {keep.shape[1]}",
+                case=f"{LAYERS}L keep {keep.shape[1]}/650",
+                device=str(device),
                 dtype=str(KV_DTYPE).replace("torch.", ""),
                 ours_ms=ours,
                 eager_ms=eager,
@@ -238,7 +242,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(format_table(run_table(args.quick)))
+    print(format_table(run_table(args.quick, device=args.device)))

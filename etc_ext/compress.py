@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from . import reference
+from . import ops
 
 __all__ = [
     "TEXT",
@@ -373,8 +373,8 @@ def to_attention_mask(mask: torch.Tensor, attn_implementation: Optional[str], dt
 
 # ============================================================================ cache
 def _write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, *, index):
-    """The one call site of write_compressed_kv: switch to `etc_ext.ops.write_compressed_kv` when it lands."""
-    reference.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
+    """The one call site of write_compressed_kv (the fused op; `etc_ext.reference` has the same contract)."""
+    ops.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
 
 
 def compact_cache(cache: DynamicCache, keep_index: torch.Tensor, layers: Optional[Sequence[int]] = None) -> None:

@@ -1,17 +1,18 @@
-"""Prints one table comparing etc_ext's ops with the PyTorch path, and writes JSON and a plot.
+"""Prints the benchmark tables: etc_ext's ops vs the PyTorch path, end to end, memory, projections; writes JSON and plots.
 
-    python bench/run.py [--quick] [--out outputs/bench] [--device cpu|cuda]
+    python bench/run.py [--quick] [--threads N] [--sections ops e2e memory projections] [--out outputs/bench]
+    etc-ext bench ...          # the same (the ops section needs this source checkout)
 
-Columns: our op, the eager reference (etc_ext.reference), torch.compile(reference), and for
+The op table (this file): columns are our op, the eager reference (etc_ext.reference), torch.compile(reference), and for
 cross_attn_scores the q.k^T matmul alone (the floor a fused op can reach); ratios are
 reference time / our time. Memory: peak bytes a call allocates beyond its inputs, measured
-in a fresh process.
+in a fresh process; written to ops.json and ops.png. The other sections are etc_ext.bench (end to end on tiny
+LLaVA / Qwen3-VL, the memory of ETC's target scores, analytic projections to the real models), written to bench.json
+and e2e.png.
 """
 
-import argparse
 import importlib
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -102,26 +103,23 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="outputs/bench")
-    args = parser.parse_args()
-
-    print(
-        f"etc_ext {etc_ext.__version__}, torch {torch.__version__}, device {args.device}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-    )
-    rows = score_rows(args.device, args.quick, not args.no_memory) + other_op_rows(args.device, args.quick)
+def op_section(device, quick, with_memory, out):
+    """The op rows, printed as one table; writes ops.json and ops.png under out (etc_ext.bench calls this)."""
+    rows = score_rows(device, quick, with_memory) + other_op_rows(device, quick)
     print_table(rows)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ops.json").write_text(json.dumps({"device": args.device, "torch": torch.__version__, "rows": rows}, indent=2))
+    (out / "ops.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2))
     plot(rows, out / "ops.png")
-    print(f"wrote {out / 'ops.json'} and {out / 'ops.png'}")
+    print(f"wrote {out / 'ops.json'} and {out / 'ops.png'}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    from etc_ext.bench import main as bench_main
+
+    return bench_main(argv, op_section=op_section)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

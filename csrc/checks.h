@@ -77,3 +77,122 @@ inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& 
 }
 
 }  // namespace etc_ext
+
+// ---------------------------------------------------------------------------------------
+// weighted_aggregate, write_compressed_kv (issue 4)
+namespace etc_ext {
+
+// float32, float16, bfloat16, or float64 (the float64 path exists for gradcheck).
+inline bool is_kernel_float(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+         dtype == at::kDouble;
+}
+
+inline void check_kernel_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": ", name,
+              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
+                        const char* name, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ",
+              expected, ", got ", shape_str(t));
+}
+
+// weighted_aggregate(x [B, N, C], logits [B, K, N], importance [B, N], mask bool [B, N])
+inline void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor& logits,
+                                          const std::optional<at::Tensor>& importance,
+                                          const std::optional<at::Tensor>& mask) {
+  constexpr const char* op = "weighted_aggregate";
+  check_rank(x, 3, op, "x", "[B, N, C]");
+  check_rank(logits, 3, op, "logits", "[B, K, N]");
+  check_kernel_float(x, op, "x");
+  check_kernel_float(logits, op, "logits");
+  check_same_device(logits, x, op, "logits", "x");
+  const int64_t batch = x.size(0), tokens = x.size(1);
+  TORCH_CHECK(logits.size(0) == batch && logits.size(2) == tokens, op,
+              ": logits must have shape [B, K, N] with B = ", batch, " and N = ", tokens,
+              " from x ", shape_str(x), ", got ", shape_str(logits));
+  if (importance.has_value()) {
+    check_rank(*importance, 2, op, "importance", "[B, N]");
+    check_shape(*importance, {batch, tokens}, op, "importance", "[B, N]");
+    TORCH_CHECK(importance->scalar_type() == at::kFloat ||
+                    importance->scalar_type() == at::kDouble,
+                op, ": importance must be float32 (or float64), got ",
+                importance->scalar_type());
+    check_same_device(*importance, x, op, "importance", "x");
+  }
+  if (mask.has_value()) {
+    check_rank(*mask, 2, op, "mask", "[B, N]");
+    check_shape(*mask, {batch, tokens}, op, "mask", "[B, N]");
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must have dtype bool, got ",
+                mask->scalar_type());
+    check_same_device(*mask, x, op, "mask", "x");
+  }
+}
+
+// write_compressed_kv(key_cache [num_blocks, block_size, Hkv, D], value_cache (same shape),
+//                     key [B, Hkv, N, D], value (same shape), slot_mapping int64 [B, K],
+//                     weights float32 [B, K, N] | index int64 [B, K])
+// The structural checks only: out-of-range slots and indices are data-dependent and checked
+// by the Python wrapper (the kernels skip them rather than write out of bounds).
+inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache,
+                                           const at::Tensor& key, const at::Tensor& value,
+                                           const at::Tensor& slot_mapping,
+                                           const std::optional<at::Tensor>& weights,
+                                           const std::optional<at::Tensor>& index) {
+  constexpr const char* op = "write_compressed_kv";
+  check_rank(key, 4, op, "key", "[B, Hkv, N, D]");
+  check_rank(value, 4, op, "value", "[B, Hkv, N, D]");
+  check_rank(key_cache, 4, op, "key_cache", "[num_blocks, block_size, Hkv, D]");
+  check_rank(value_cache, 4, op, "value_cache", "[num_blocks, block_size, Hkv, D]");
+  check_kernel_float(key, op, "key");
+  check_kernel_float(key_cache, op, "key_cache");
+  TORCH_CHECK(value.scalar_type() == key.scalar_type(), op,
+              ": value must have the dtype of key (", key.scalar_type(), "), got ",
+              value.scalar_type());
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
+              ": value_cache must have the dtype of key_cache (", key_cache.scalar_type(),
+              "), got ", value_cache.scalar_type());
+  check_shape(value, key.sizes(), op, "value", "[B, Hkv, N, D] like key");
+  const int64_t batch = key.size(0), kv_heads = key.size(1), tokens = key.size(2),
+                dim = key.size(3);
+  TORCH_CHECK(key_cache.size(2) == kv_heads && key_cache.size(3) == dim, op,
+              ": key_cache must have shape [num_blocks, block_size, Hkv, D] with Hkv = ",
+              kv_heads, " and D = ", dim, " from key ", shape_str(key), ", got ",
+              shape_str(key_cache));
+  check_shape(value_cache, key_cache.sizes(), op, "value_cache",
+              "[num_blocks, block_size, Hkv, D] like key_cache");
+  check_same_device(value, key, op, "value", "key");
+  check_same_device(key_cache, key, op, "key_cache", "key");
+  check_same_device(value_cache, key, op, "value_cache", "key");
+
+  check_rank(slot_mapping, 2, op, "slot_mapping", "[B, K]");
+  TORCH_CHECK(slot_mapping.size(0) == batch, op,
+              ": slot_mapping must have shape [B, K] with B = ", batch, " from key, got ",
+              shape_str(slot_mapping));
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op,
+              ": slot_mapping must have dtype int64, got ", slot_mapping.scalar_type());
+  check_same_device(slot_mapping, key, op, "slot_mapping", "key");
+  const int64_t entries = slot_mapping.size(1);
+
+  TORCH_CHECK(weights.has_value() != index.has_value(), op,
+              ": pass exactly one of weights [B, K, N] or index [B, K], got ",
+              weights.has_value() ? "both" : "neither");
+  if (index.has_value()) {
+    check_rank(*index, 2, op, "index", "[B, K]");
+    check_shape(*index, {batch, entries}, op, "index", "[B, K] like slot_mapping");
+    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": index must have dtype int64, got ",
+                index->scalar_type());
+    check_same_device(*index, key, op, "index", "key");
+  } else {
+    check_rank(*weights, 3, op, "weights", "[B, K, N]");
+    check_shape(*weights, {batch, entries, tokens}, op, "weights", "[B, K, N]");
+    TORCH_CHECK(weights->scalar_type() == at::kFloat, op,
+                ": weights must have dtype float32, got ", weights->scalar_type());
+    check_same_device(*weights, key, op, "weights", "key");
+  }
+}
+
+}  // namespace etc_ext

@@ -16,3 +16,23 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                                  const std::optional<at::Tensor>& q_pos);
 
 }  // namespace etc_ext
+
+// ---------------------------------------------------------------------------------------
+// weighted_aggregate, write_compressed_kv (issue 4)
+namespace etc_ext {
+
+// x: [B, N, C], logits: [B, K, N], importance: [B, N], mask: bool [B, N] -> [B, K, C]
+at::Tensor weighted_aggregate_cpu(const at::Tensor& x, const at::Tensor& logits,
+                                  const std::optional<at::Tensor>& importance,
+                                  const std::optional<at::Tensor>& mask);
+
+// key_cache, value_cache: [num_blocks, block_size, Hkv, D] (written in place),
+// key, value: [B, Hkv, N, D], slot_mapping: int64 [B, K],
+// weights: float32 [B, K, N] or index: int64 [B, K]
+void write_compressed_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& key, const at::Tensor& value,
+                             const at::Tensor& slot_mapping,
+                             const std::optional<at::Tensor>& weights,
+                             const std::optional<at::Tensor>& index);
+
+}  // namespace etc_ext

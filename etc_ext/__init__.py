@@ -21,6 +21,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 from . import ops, reference  # noqa: E402
+from .config import ETCConfig  # noqa: E402
 
 
 def built_with_cuda() -> bool:
@@ -28,4 +29,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda())
 
 
-__all__ = ["__version__", "built_with_cuda", "ops", "reference"]
+__all__ = ["__version__", "ETCConfig", "built_with_cuda", "ops", "reference"]

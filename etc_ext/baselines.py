@@ -82,7 +82,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from . import ops, reference
+from . import ops
 from .compress import (
     ETCCache,
     ETCCacheState,
@@ -146,8 +146,8 @@ _OUTSIDE_GROUP = -1.0e4
 
 
 def _weighted_aggregate(x, logits, importance=None, mask=None):
-    """The one call site of weighted_aggregate: switch to `etc_ext.ops.weighted_aggregate` when it lands."""
-    return reference.weighted_aggregate(x, logits, importance, mask)
+    """The one call site of weighted_aggregate (the fused op; `etc_ext.reference` has the same contract)."""
+    return ops.weighted_aggregate(x, logits, importance, mask)
 
 
 # ============================================================================ config

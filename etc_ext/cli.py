@@ -4,6 +4,7 @@
 etc-ext train --model DIR --data JSON --output DIR [--etc-config JSON] [--lora] ...   fine-tune (torchrun for DDP/FSDP)
 etc-ext eval  --model DIR --data JSON [--etc DIR] [--json [PATH]] ...                 accuracy, tokens, KV cache, times
 etc-ext demo  [--output DIR] [--json PATH]                                            the offline demo (table, plot)
+etc-ext bench [--quick] [--threads N] [--sections ...]                              benchmark tables, JSON, plots
 etc-ext <command> --help                                                             every option
 ```
 
@@ -99,6 +100,10 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("etc_ext").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # transformers' own bars (loading and writing weights)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------- subcommands
@@ -209,6 +214,33 @@ def demo_command(subparsers) -> None:
             num_test_images=namespace.num_test_images, batch_size=namespace.batch_size, rows=namespace.rows,
             plot=not namespace.no_plot, progress=not namespace.no_progress,
         )  # fmt: skip
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+@subcommand
+def bench_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks: ops vs PyTorch, end to end (prefill, decode, KV bytes), memory of the target, projections",
+        description=(
+            "Print the benchmark tables and write bench.json, e2e.png (and ops.json, ops.png) under --out: the ops "
+            "against the eager reference and torch.compile (from a source checkout, bench/run.py), generate() on "
+            "tiny LLaVA and Qwen3-VL models (full, ETC M=1/4/16, the baselines), the peak memory of ETC's target "
+            "scores vs output_attentions, and analytic projections to LLaVA-1.5-7B and Qwen3-VL-2B next to the "
+            "paper's figures."
+        ),
+        epilog="On a shared CPU pass --threads 1: intra-op threads on a loaded machine mostly measure contention.",
+    )
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+    def handler(namespace) -> int:
+        from .bench import find_op_section, run
+
+        run(namespace, find_op_section())
         return 0
 
     parser.set_defaults(handler=handler)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from . import reference
+from . import ops
 
 __all__ = [
     "TEXT",
@@ -55,9 +55,11 @@ TEXT, VISUAL, COMPRESSION = 0, 1, 2
 # would silently drop it; flex_attention needs a BlockMask.
 SUPPORTED_MASK_ATTENTION = ("sdpa", "eager")
 
-# (inputs_embeds [B, S, H], attention_mask [B, C+S] or [B, 1, S, C+S], position_ids [B, S] or [K, B, S], cache)
-#   -> last_hidden_state [B, S, H]
-RunLanguageModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[DynamicCache]], torch.Tensor]
+# (inputs_embeds [B, S, H], attention_mask [B, C+S] or [B, 1, S, C+S], position_ids [B, S] or [K, B, S], cache,
+#  **token_inputs [B, S, ...]) -> last_hidden_state [B, S, H]
+# token_inputs are the per-token extras the prefill drivers were given (e.g. Qwen3-VL's DeepStack features), gathered
+# for the tokens of each pass; a driver given none calls with the four positional arguments only.
+RunLanguageModel = Callable[..., torch.Tensor]
 
 
 # ============================================================================ compression tokens
@@ -371,8 +373,8 @@ def to_attention_mask(mask: torch.Tensor, attn_implementation: Optional[str], dt
 
 # ============================================================================ cache
 def _write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, *, index):
-    """The one call site of write_compressed_kv: switch to `etc_ext.ops.write_compressed_kv` when it lands."""
-    reference.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
+    """The one call site of write_compressed_kv (the fused op; `etc_ext.reference` has the same contract)."""
+    ops.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
 
 
 def compact_cache(cache: DynamicCache, keep_index: torch.Tensor, layers: Optional[Sequence[int]] = None) -> None:
@@ -562,6 +564,7 @@ def segmented_prefill(
     layout: ETCLayout,
     inputs_embeds: torch.Tensor,
     cache: DynamicCache,
+    token_inputs: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill with plain causal passes and cache compaction, no custom mask (PAPER.md, "Architecture").
 
@@ -576,6 +579,8 @@ def segmented_prefill(
         layout: from `insert_compression_tokens`; `can_segment(layout)` must hold.
         inputs_embeds: `(B, Lx, H)` extended embeddings.
         cache: an empty `DynamicCache`, filled in place.
+        token_inputs: optional per-token extras `(B, Lx, ...)` in the extended layout; each pass receives them
+            gathered for its tokens `(B, S, ...)` (zeros / False at padding) as keyword arguments.
 
     Returns:
         hidden_states `(B, S, H)` of the last pass, its extended `index` `(B, S)` (-1 = padding), and the cache's
@@ -597,7 +602,8 @@ def segmented_prefill(
         seg_positions = _gather_positions(layout.position_ids, seg_index)  # (B, S) or (K, B, S)
         seg_valid = seg_index >= 0
         attention_mask = torch.cat([cache_valid, seg_valid], dim=1).long()  # (B, C + S)
-        hidden_states = run_language_model(seg_embeds, attention_mask, seg_positions, cache)
+        seg_extras = {name: _gather_tokens(value, seg_index) for name, value in (token_inputs or {}).items()}
+        hidden_states = run_language_model(seg_embeds, attention_mask, seg_positions, cache, **seg_extras)
         index = seg_index
         if segment < num_segments - 1:
             seg_types = layout.token_type.gather(1, seg_index.clamp_min(0))
@@ -616,14 +622,16 @@ def masked_prefill(
     inputs_embeds: torch.Tensor,
     cache: DynamicCache,
     attn_implementation: Optional[str],
+    token_inputs: Optional[dict[str, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill with one pass under the bottleneck mask, then compaction of every layer (drops visual entries and
-    padding, right-aligns the rest). Works for any batch; the mask needs SDPA or eager attention.
+    padding, right-aligns the rest). Works for any batch; the mask needs SDPA or eager attention. `token_inputs`
+    (`(B, Lx, ...)` each) go to the pass as keyword arguments.
 
     Returns like `segmented_prefill`: hidden states `(B, Lx, H)`, index `(B, Lx)`, cache validity `(B, C)`.
     """
     mask = to_attention_mask(bottleneck_mask(layout), attn_implementation, inputs_embeds.dtype)
-    hidden_states = run_language_model(inputs_embeds, mask, layout.position_ids, cache)
+    hidden_states = run_language_model(inputs_embeds, mask, layout.position_ids, cache, **(token_inputs or {}))
     index = torch.arange(layout.length, device=inputs_embeds.device).expand(layout.batch_size, -1)
     index = index.masked_fill(~layout.attention_mask, -1)
     keep_index = right_aligned_index(layout.attention_mask & (layout.token_type != VISUAL))
@@ -639,6 +647,7 @@ def etc_prefill(
     attn_implementation: Optional[str],
     input_length: int,
     method: str = "auto",
+    token_inputs: Optional[dict[str, torch.Tensor]] = None,
 ) -> PrefillOutput:
     """Fill `cache` with the compressed prefill of a batch and record its `ETCCacheState`.
 
@@ -646,14 +655,17 @@ def etc_prefill(
         method: "segmented" (plain causal passes), "masked" (one pass under the bottleneck mask), or "auto":
             segmented when `can_segment(layout)`, else masked.
         input_length: L, the user's sequence length (for decoding with generate()'s 2-D mask).
+        token_inputs: per-token extras `(B, Lx, ...)` for `run_language_model` (see `segmented_prefill`).
     """
     if method == "auto":
         method = "segmented" if can_segment(layout) else "masked"
     if method == "segmented":
-        hidden_states, index, cache_valid = segmented_prefill(run_language_model, layout, inputs_embeds, cache)
+        hidden_states, index, cache_valid = segmented_prefill(
+            run_language_model, layout, inputs_embeds, cache, token_inputs
+        )
     elif method == "masked":
         hidden_states, index, cache_valid = masked_prefill(
-            run_language_model, layout, inputs_embeds, cache, attn_implementation
+            run_language_model, layout, inputs_embeds, cache, attn_implementation, token_inputs
         )
     else:
         raise ValueError(f"etc_prefill: method must be 'auto', 'segmented' or 'masked', got {method!r}")

@@ -60,7 +60,9 @@ class ETCConfig:
         hidden_size (`int`, *optional*):
             Hidden size of the language model; filled in by `apply_etc` and checked on loading.
         num_visual_tokens (`int`, *optional*):
-            N, visual tokens per image; filled in by `apply_etc` and checked on loading.
+            N, visual tokens per image, for models whose images all have N tokens (LLaVA-1.5); for models whose
+            images have variable N (Qwen3-VL) the size of the decoder's square grid of position embeddings, which is
+            resampled to each image's grid. Filled in by `apply_etc` and checked on loading.
     """
 
     num_compression_tokens: int = 1

@@ -6,6 +6,8 @@
   keys are recorded by a registered attention function (`capture_query_key`), never with `output_attentions`, so the
   model keeps SDPA, and reduced with the fused `etc_ext.ops.cross_attn_scores`.
 - The decoder: an MLP from the compression tokens' and the mean-pooled instruction's hidden states to mu `(N, D)`.
+  Its per-position embedding is a table of N entries (LLaVA: every image has the same N), or, for models whose
+  images have variable N (Qwen3-VL), a 2-D grid of learned embeddings resampled bilinearly to each image's grid.
 - The loss: `L_VID = sum_d [ sum_n (X^_nd - mu_nd)^2 / (2 sigma_d^2) + N log sigma_d ]` with learned per-channel
   variances `sigma_d^2 = softplus(w_d) + eps`; `"mse"` is `0.5 * sum (X^ - mu)^2` (unit variances) for the ablation.
 """
@@ -29,6 +31,7 @@ __all__ = [
     "capture_query_key",
     "resolve_target_layer",
     "instruction_scores",
+    "instruction_scores_spans",
     "minmax_normalize",
     "instruction_aware_target",
     "VIDDecoder",
@@ -135,6 +138,39 @@ def instruction_scores(
     raise ValueError(f"score_context must be 'causal' or 'image', got {score_context!r}")
 
 
+def instruction_scores_spans(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_index: torch.Tensor,
+    visual_start: torch.Tensor,
+    visual_end: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    score_context: str = "causal",
+    scale: Optional[float] = None,
+) -> list[torch.Tensor]:
+    """`instruction_scores` for images of different sizes: image i's visual tokens are positions
+    `visual_start[i]:visual_end[i]` of its row. Returns one float32 `(N_i,)` tensor per image.
+
+    Args:
+        query, key, query_index, key_mask, scale: as in `instruction_scores`.
+        visual_start, visual_end: int64 `(I,)` bounds of each image's visual run.
+        score_context: "causal" (probabilities over each query's causal context, the visual columns kept) or
+            "image" (renormalised over the image's own visual tokens, i.e. the other keys masked out).
+    """
+    q_index = query_index.clamp_min(0)
+    q = query.gather(2, q_index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))  # (I, H, T, D)
+    q_mask = query_index >= 0
+    if score_context == "causal":
+        scores = ops.cross_attn_scores(q, key, scale=scale, q_mask=q_mask, kv_mask=key_mask, q_pos=q_index)  # (I, L)
+    elif score_context == "image":
+        positions = torch.arange(key.shape[2], device=key.device)[None]
+        own = (positions >= visual_start[:, None]) & (positions < visual_end[:, None])  # (I, L)
+        scores = ops.cross_attn_scores(q, key, scale=scale, q_mask=q_mask, kv_mask=own)
+    else:
+        raise ValueError(f"score_context must be 'causal' or 'image', got {score_context!r}")
+    return [scores[i, int(visual_start[i]) : int(visual_end[i])] for i in range(scores.shape[0])]
+
+
 def minmax_normalize(scores: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each row of `(I, N)` to [0, 1]; a constant row becomes all ones (keep every token)."""
     low = scores.amin(-1, keepdim=True)
@@ -173,6 +209,11 @@ class VIDDecoder(nn.Module):
     The M compression states and the mean-pooled instruction state (each layer-normalised) are concatenated and
     projected to one context vector; a learned embedding per visual position is added, and residual MLP blocks map
     each of the N positions to its prediction. Position-wise weights keep the decoder small (no N*D output layer).
+
+    Variable N: with `position_grid=(gh, gw)` the `gh * gw` position embeddings form a 2-D grid, which is resampled
+    (bilinear, corners aligned, as Qwen3-VL's vision tower resamples its own position grid) to each image's
+    `(h, w)` grid of visual tokens, and repeated over its `t` temporal steps; `forward` then takes each image's grid
+    and returns the predictions of all images packed along one axis. Without a grid, every image has N tokens.
     """
 
     def __init__(
@@ -184,8 +225,15 @@ class VIDDecoder(nn.Module):
         num_layers: int,
         intermediate_size: int,
         output_size: Optional[int] = None,
+        position_grid: Optional[tuple[int, int]] = None,
     ):
         super().__init__()
+        if position_grid is not None and position_grid[0] * position_grid[1] != num_visual_tokens:
+            raise ValueError(
+                f"VIDDecoder: position_grid {tuple(position_grid)} has {position_grid[0] * position_grid[1]} entries, "
+                f"num_visual_tokens is {num_visual_tokens}"
+            )
+        self.position_grid = tuple(position_grid) if position_grid is not None else None
         self.input_norm = nn.LayerNorm(hidden_size)
         self.context_proj = nn.Linear((num_compression_tokens + 1) * hidden_size, decoder_hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(num_visual_tokens, decoder_hidden_size))
@@ -194,18 +242,47 @@ class VIDDecoder(nn.Module):
         self.output_norm = nn.LayerNorm(decoder_hidden_size)
         self.output_proj = nn.Linear(decoder_hidden_size, output_size or hidden_size)
 
-    def forward(self, compression_hidden: torch.Tensor, instruction_hidden: torch.Tensor) -> torch.Tensor:
+    def grid_position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """The position grid resampled to `(height, width)`, `(height * width, decoder_hidden_size)` in raster order
+        (row-major, as the visual tokens of an image). At the grid's own size this is the table itself."""
+        if self.position_grid is None:
+            raise ValueError("VIDDecoder: this decoder has a fixed N (no position_grid); it takes no grid sizes")
+        grid_h, grid_w = self.position_grid
+        table = self.position_embedding.view(grid_h, grid_w, -1)
+        if (height, width) == (grid_h, grid_w):
+            return self.position_embedding
+        table = table.permute(2, 0, 1)[None]  # (1, d, gh, gw)
+        resampled = nn.functional.interpolate(table, size=(height, width), mode="bilinear", align_corners=True)
+        return resampled[0].flatten(1).transpose(0, 1)  # (height * width, d)
+
+    def forward(
+        self,
+        compression_hidden: torch.Tensor,
+        instruction_hidden: torch.Tensor,
+        grid_sizes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """
         Args:
             compression_hidden: `(I, M, hidden_size)` the compression tokens' hidden states at the target layer.
             instruction_hidden: `(I, hidden_size)` mean of the instruction tokens' hidden states there.
+            grid_sizes: int `(I, 3)`, each image's `(t, h, w)` grid of visual tokens (`N_i = t * h * w`), for a decoder
+                with a `position_grid`; None for a fixed N.
 
         Returns:
-            mu `(I, N, output_size)`.
+            mu `(I, N, output_size)`, or with `grid_sizes` `(sum_i N_i, output_size)`: the images' predictions one
+            after the other.
         """
         context = torch.cat([compression_hidden, instruction_hidden[:, None]], dim=1)  # (I, M + 1, hidden)
         context = self.input_norm(context).flatten(1)  # (I, (M + 1) * hidden)
-        hidden_states = self.context_proj(context)[:, None] + self.position_embedding[None]  # (I, N, d)
+        context = self.context_proj(context)  # (I, d)
+        if grid_sizes is None:
+            hidden_states = context[:, None] + self.position_embedding[None]  # (I, N, d)
+        else:
+            positions, contexts = [], []
+            for i, (t, h, w) in enumerate(grid_sizes.tolist()):
+                positions.append(self.grid_position_embedding(h, w).repeat(t, 1))  # (N_i, d)
+                contexts.append(context[i].expand(t * h * w, -1))
+            hidden_states = torch.cat(contexts) + torch.cat(positions)  # (sum N_i, d)
         for block in self.blocks:
             hidden_states = block(hidden_states)
         return self.output_proj(self.output_norm(hidden_states))
@@ -232,7 +309,13 @@ def mse_loss(target: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 class DistillHead(nn.Module):
     """The training-only part of ETC: decoder and learned per-channel variances, and the distillation loss."""
 
-    def __init__(self, config: ETCConfig, hidden_size: int, num_visual_tokens: int):
+    def __init__(
+        self,
+        config: ETCConfig,
+        hidden_size: int,
+        num_visual_tokens: int,
+        position_grid: Optional[tuple[int, int]] = None,
+    ):
         super().__init__()
         self.loss_type = config.loss
         self.variance_eps = config.variance_eps
@@ -243,6 +326,7 @@ class DistillHead(nn.Module):
             decoder_hidden_size=config.decoder_hidden_size,
             num_layers=config.decoder_num_layers,
             intermediate_size=config.intermediate_size,
+            position_grid=position_grid,
         )
         # w_d with softplus(w_d) = 1: unit variances at the start.
         self.variance_weight = nn.Parameter(torch.full((hidden_size,), math.log(math.e - 1.0)))
@@ -253,11 +337,28 @@ class DistillHead(nn.Module):
         return nn.functional.softplus(self.variance_weight.float()) + self.variance_eps
 
     def forward(
-        self, compression_hidden: torch.Tensor, instruction_hidden: torch.Tensor, target: torch.Tensor
+        self,
+        compression_hidden: torch.Tensor,
+        instruction_hidden: torch.Tensor,
+        target: torch.Tensor | list[torch.Tensor],
+        grid_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Distillation loss (scalar) of target X^ `(I, N, D)` given `(I, M, H)` and `(I, H)` student states."""
+        """Distillation loss (scalar) of target X^ given `(I, M, H)` and `(I, H)` student states.
+
+        `target` is `(I, N, D)`; with `grid_sizes` `(I, 3)` (images of variable N, see `VIDDecoder`) a list of
+        `(N_i, D)`, and the loss is the mean over images of each image's loss.
+        """
         dtype = self.decoder.context_proj.weight.dtype
-        mu = self.decoder(compression_hidden.to(dtype), instruction_hidden.to(dtype))
+        mu = self.decoder(compression_hidden.to(dtype), instruction_hidden.to(dtype), grid_sizes)
+        if grid_sizes is None:
+            return self._loss(target, mu)
+        sizes = [t.shape[0] for t in target]
+        if sum(sizes) != mu.shape[0]:
+            raise ValueError(f"DistillHead: the targets have {sizes} tokens, the grids {grid_sizes.tolist()}")
+        losses = [self._loss(t[None], m[None]) for t, m in zip(target, mu.split(sizes))]
+        return torch.stack(losses).mean()
+
+    def _loss(self, target: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         if self.loss_type == "vid":
             return vid_loss(target, mu, self.variance)
         return mse_loss(target, mu)

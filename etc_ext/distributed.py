@@ -166,10 +166,17 @@ def sharded_block_modules(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def apply_fsdp(model: nn.Module, context: DistributedContext, param_dtype: torch.dtype | None = None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    context: DistributedContext,
+    param_dtype: torch.dtype | None = None,
+    replicated_modules: tuple[nn.Module, ...] = (),
+) -> nn.Module:
     """Shards `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`): each block of
-    `sharded_block_modules`, then the root. Parameters stay float32 (the optimizer's master weights); with
-    `param_dtype` (e.g. bfloat16) they are cast for the forward and backward, and gradients are reduced in float32.
+    `sharded_block_modules`, then the root. `replicated_modules` stay unsharded, a full copy on every rank: submodules
+    that callers run outside `model.forward` (e.g. an embedding called directly), whose parameters FSDP would not
+    gather in time. Parameters stay float32 (the optimizer's master weights); with `param_dtype` (e.g. bfloat16)
+    they are cast for the forward and backward, and gradients are reduced in float32.
 
     Call after the trainable parameters are chosen and the model is on `context.device`, and before building the
     optimizer (which must see the sharded parameters). Every rank must hold the same weights beforehand (FSDP does
@@ -185,7 +192,8 @@ def apply_fsdp(model: nn.Module, context: DistributedContext, param_dtype: torch
         logger.warning("FSDP: found no `layers` blocks to shard; sharding the whole model as one unit")
     for block in blocks:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    ignored = {param for module in replicated_modules for param in module.parameters()}
+    fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
     return model
 
 

@@ -69,6 +69,8 @@ class EvalArguments:
     system_prompt: str | None = _arg(None, "system message prepended to every prompt", "data")
     batch_size: int = _arg(8, "prompts per generate() call (left padding)")
     max_new_tokens: int = _arg(16, "longest answer to generate")
+    min_new_tokens: int = _arg(0, "suppress EOS until this many tokens are generated (to time decoding with a "
+                               "model that answers in one token; changes the answers)")  # fmt: skip
     warmup: int = _arg(1, "untimed generate() calls on the first batch before measuring")
     device: str = _arg("auto", "auto (cuda if available), cpu or cuda", "hardware", choices=["auto", "cpu", "cuda"])
     precision: str = _arg("auto", "weights dtype: auto (bf16 on GPUs that support it, else fp32), fp32 or bf16",
@@ -85,6 +87,8 @@ class EvalArguments:
                 raise ValueError(f"EvalArguments.{name} is required")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.warmup < 0:
             raise ValueError("batch_size and max_new_tokens must be >= 1, warmup >= 0")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
 
@@ -284,9 +288,13 @@ def evaluate(
         }
         return inputs, indices
 
+    short = min(2, max_new_tokens)
+    warmup_generation = {**generation, "max_new_tokens": short}
+    if generation.get("min_new_tokens"):
+        warmup_generation["min_new_tokens"] = min(generation["min_new_tokens"], short)
     for _ in range(warmup):
         inputs, _ = batch_inputs(0)
-        model.generate(**inputs, **{**generation, "max_new_tokens": min(2, max_new_tokens)})
+        model.generate(**inputs, **warmup_generation)
 
     predictions = []
     totals = defaultdict(float)
@@ -425,6 +433,7 @@ def run_eval(args: EvalArguments) -> dict:
     result = evaluate(
         model, processor, dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         warmup=args.warmup, device=device, progress=args.progress,
+        generation_kwargs={"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None,
     )  # fmt: skip
     metrics = {
         "model": os.path.abspath(args.model),

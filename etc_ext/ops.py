@@ -174,3 +174,311 @@ torch.library.register_autograd(
     _cross_attn_scores_backward,
     setup_context=_cross_attn_scores_setup_context,
 )
+
+
+# =====================================================================================
+# weighted_aggregate, aggregation_weights, write_compressed_kv (issue 4)
+# =====================================================================================
+__all__ += ["weighted_aggregate", "aggregation_weights", "write_compressed_kv"]
+
+# x, logits, key, value and caches: the three kernel dtypes, plus float64 (the gradcheck path).
+_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_kernel_float(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in _KERNEL_FLOATS:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def _check_shape(t: torch.Tensor, expected, op: str, name: str, layout: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {layout} = {list(expected)}, got {_shape(t)}")
+
+
+def _check_merge_args(logits, importance, mask, op: str, ref: torch.Tensor, ref_name: str) -> None:
+    """logits [B, K, N], importance float32/float64 [B, N], mask bool [B, N], on ref's device."""
+    _check_rank(logits, 3, op, "logits", "[B, K, N]")
+    _check_kernel_float(logits, op, "logits")
+    if ref is not logits:
+        _check_same_device(logits, ref, op, "logits", ref_name)
+    batch, tokens = logits.shape[0], logits.shape[2]
+    if importance is not None:
+        _check_rank(importance, 2, op, "importance", "[B, N]")
+        _check_shape(importance, (batch, tokens), op, "importance", "[B, N]")
+        if importance.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{op}: importance must be float32 (or float64), got {importance.dtype}")
+        _check_same_device(importance, ref, op, "importance", ref_name)
+    if mask is not None:
+        _check_rank(mask, 2, op, "mask", "[B, N]")
+        _check_shape(mask, (batch, tokens), op, "mask", "[B, N]")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{op}: mask must have dtype torch.bool, got {mask.dtype}")
+        _check_same_device(mask, ref, op, "mask", ref_name)
+
+
+def _check_weighted_aggregate_args(x, logits, importance, mask) -> None:
+    op = "weighted_aggregate"
+    _check_rank(x, 3, op, "x", "[B, N, C]")
+    _check_kernel_float(x, op, "x")
+    _check_rank(logits, 3, op, "logits", "[B, K, N]")
+    batch, tokens, _ = x.shape
+    if logits.shape[0] != batch or logits.shape[2] != tokens:
+        raise ValueError(
+            f"{op}: logits must have shape [B, K, N] with B = {batch} and N = {tokens} from x "
+            f"{_shape(x)}, got {_shape(logits)}"
+        )
+    _check_merge_args(logits, importance, mask, op, x, "x")
+
+
+# ------------------------------------------------------------------ weighted_aggregate
+def weighted_aggregate(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    importance: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """K softmax-weighted sums of the N tokens of x, without writing the weights.
+
+    Args:
+        x: `(B, N, C)` tokens, float32/float16/bfloat16 (float64 too), any strides.
+        logits: `(B, K, N)` merge logits, any float dtype.
+        importance: float32 `(B, N)` >= 0, biases the softmax by log(importance); zero (or
+            negative) importance gives the token weight 0.
+        mask: bool `(B, N)`, True = the token may be merged.
+
+    Returns:
+        `(B, K, C)` in the dtype of x: out[b, k] = sum_n w[b, k, n] * x[b, n] with
+        w = softmax over valid n of logits + log(importance) (fp32 accumulation). A row with
+        no valid token gives zeros, never NaN. Differentiable w.r.t. x, logits and
+        importance (the gradient w.r.t. a zero importance is 0).
+    """
+    _check_weighted_aggregate_args(x, logits, importance, mask)
+    return torch.ops.etc_ext.weighted_aggregate.default(x, logits, importance, mask)
+
+
+def aggregation_weights(
+    logits: torch.Tensor,
+    importance: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The merge weights of :func:`weighted_aggregate`, float32 `(B, K, N)` (float64 for
+    float64 logits): softmax over valid n of logits + log(importance); zero importance or
+    masked tokens get exactly 0, a row with no valid token all zeros.
+
+    Computed with torch ops (reference.aggregation_weights), so it runs on every device and
+    is differentiable; it exists for callers that need w itself (e.g. write_compressed_kv's
+    `weights`), the fused op never writes it.
+    """
+    _check_merge_args(logits, importance, mask, "aggregation_weights", logits, "logits")
+    return reference.aggregation_weights(logits, importance, mask)
+
+
+@torch.library.register_fake("etc_ext::weighted_aggregate")
+def _weighted_aggregate_fake(x, logits, importance=None, mask=None):
+    op = "weighted_aggregate"
+    torch._check(x.dim() == 3, lambda: f"{op}: x must be [B, N, C], got {_shape(x)}")
+    torch._check(logits.dim() == 3, lambda: f"{op}: logits must be [B, K, N], got {_shape(logits)}")
+    torch._check(x.dtype in _KERNEL_FLOATS, lambda: f"{op}: unsupported dtype of x {x.dtype}")
+    torch._check(logits.shape[0] == x.shape[0], lambda: f"{op}: logits and x batch sizes differ")
+    torch._check(logits.shape[2] == x.shape[1], lambda: f"{op}: logits and x token counts differ")
+    for name, t in (("importance", importance), ("mask", mask)):
+        if t is not None:
+            torch._check(t.dim() == 2, lambda: f"{op}: {name} must be [B, N], got {_shape(t)}")
+            torch._check(t.shape[0] == x.shape[0], lambda: f"{op}: {name} and x batch sizes differ")
+            torch._check(t.shape[1] == x.shape[1], lambda: f"{op}: {name} and x token counts differ")
+    return x.new_empty((x.shape[0], logits.shape[1], x.shape[2]))
+
+
+def _needs_grad(ctx, importance) -> tuple:
+    """(x, logits, importance) flags. needs_input_grad is shorter when the trailing optional
+    inputs are None, so read it defensively."""
+    flags = tuple(ctx.needs_input_grad) + (False,) * 4
+    return flags[0], flags[1], importance is not None and flags[2]
+
+
+def _weighted_aggregate_setup_context(ctx, inputs, output):
+    x, logits, importance, mask = inputs
+    need_x, need_logits, need_importance = _needs_grad(ctx, importance)
+    # x is needed for the logits/importance gradients; the weights are recomputed from
+    # logits, importance and mask.
+    ctx.save_for_backward(
+        x if (need_logits or need_importance) else None,
+        logits,
+        importance,
+        mask,
+    )
+    ctx.x_dtype = x.dtype
+
+
+def _weighted_aggregate_backward(ctx, grad_out):
+    """w = softmax(z), z = logits + log(importance), out = w @ x:
+    dx = w^T @ g;  dw = g @ x^T;  dz = w * (dw - sum_n w * dw);  dlogits = dz;
+    dimportance = sum_k dz / importance (0 where importance is 0 or the token is masked)."""
+    x, logits, importance, mask = ctx.saved_tensors
+    need_x, need_logits, need_importance = _needs_grad(ctx, importance)
+    weights = reference.aggregation_weights(logits, importance, mask)  # (B, K, N)
+    dtype = torch.promote_types(weights.dtype, ctx.x_dtype)  # float32, or float64
+    weights = weights.to(dtype)
+    grad = grad_out.to(dtype)  # (B, K, C)
+
+    grad_x = grad_logits = grad_importance = None
+    if need_x:
+        grad_x = torch.matmul(weights.transpose(1, 2), grad).to(ctx.x_dtype)  # (B, N, C)
+    if need_logits or need_importance:
+        grad_w = torch.matmul(grad, x.to(dtype).transpose(1, 2))  # (B, K, N)
+        grad_z = weights * (grad_w - (weights * grad_w).sum(dim=-1, keepdim=True))
+        if need_logits:
+            grad_logits = grad_z.to(logits.dtype)
+        if need_importance:
+            # reference.aggregation_weights clamps importance at `tiny` before the log.
+            tiny = torch.finfo(torch.promote_types(logits.dtype, torch.float32)).tiny
+            imp = importance.to(dtype)
+            usable = imp >= tiny
+            grad_importance = torch.where(usable, grad_z.sum(dim=1) / imp.clamp_min(tiny), 0.0)
+            grad_importance = grad_importance.to(importance.dtype)
+    return grad_x, grad_logits, grad_importance, None
+
+
+torch.library.register_autograd(
+    "etc_ext::weighted_aggregate",
+    _weighted_aggregate_backward,
+    setup_context=_weighted_aggregate_setup_context,
+)
+
+
+# ------------------------------------------------------------------ write_compressed_kv
+def _check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index) -> None:
+    op = "write_compressed_kv"
+    _check_rank(key, 4, op, "key", "[B, Hkv, N, D]")
+    _check_rank(value, 4, op, "value", "[B, Hkv, N, D]")
+    _check_rank(key_cache, 4, op, "key_cache", "[num_blocks, block_size, Hkv, D]")
+    _check_rank(value_cache, 4, op, "value_cache", "[num_blocks, block_size, Hkv, D]")
+    _check_kernel_float(key, op, "key")
+    _check_kernel_float(key_cache, op, "key_cache")
+    if value.dtype != key.dtype:
+        raise TypeError(f"{op}: value must have the dtype of key ({key.dtype}), got {value.dtype}")
+    if value_cache.dtype != key_cache.dtype:
+        raise TypeError(f"{op}: value_cache must have the dtype of key_cache ({key_cache.dtype}), got {value_cache.dtype}")
+    _check_shape(value, key.shape, op, "value", "[B, Hkv, N, D] like key")
+    batch, kv_heads, tokens, dim = key.shape
+    if key_cache.shape[2] != kv_heads or key_cache.shape[3] != dim:
+        raise ValueError(
+            f"{op}: key_cache must have shape [num_blocks, block_size, Hkv, D] with Hkv = {kv_heads} and "
+            f"D = {dim} from key {_shape(key)}, got {_shape(key_cache)}"
+        )
+    _check_shape(value_cache, key_cache.shape, op, "value_cache", "[num_blocks, block_size, Hkv, D] like key_cache")
+    _check_same_device(value, key, op, "value", "key")
+    _check_same_device(key_cache, key, op, "key_cache", "key")
+    _check_same_device(value_cache, key, op, "value_cache", "key")
+
+    _check_rank(slot_mapping, 2, op, "slot_mapping", "[B, K]")
+    if slot_mapping.shape[0] != batch:
+        raise ValueError(f"{op}: slot_mapping must have shape [B, K] with B = {batch} from key, got {_shape(slot_mapping)}")
+    if slot_mapping.dtype != torch.int64:
+        raise TypeError(f"{op}: slot_mapping must have dtype torch.int64, got {slot_mapping.dtype}")
+    _check_same_device(slot_mapping, key, op, "slot_mapping", "key")
+    entries = slot_mapping.shape[1]
+
+    if (weights is None) == (index is None):
+        raise ValueError(
+            f"{op}: pass exactly one of weights [B, K, N] or index [B, K], got "
+            f"{'neither' if weights is None else 'both'}"
+        )
+    if index is not None:
+        _check_rank(index, 2, op, "index", "[B, K]")
+        _check_shape(index, (batch, entries), op, "index", "[B, K] like slot_mapping")
+        if index.dtype != torch.int64:
+            raise TypeError(f"{op}: index must have dtype torch.int64, got {index.dtype}")
+        _check_same_device(index, key, op, "index", "key")
+    else:
+        _check_rank(weights, 3, op, "weights", "[B, K, N]")
+        _check_shape(weights, (batch, entries, tokens), op, "weights", "[B, K, N]")
+        if weights.dtype != torch.float32:
+            raise TypeError(f"{op}: weights must have dtype torch.float32, got {weights.dtype}")
+        _check_same_device(weights, key, op, "weights", "key")
+
+
+def _first_bad(bad: torch.Tensor) -> tuple:
+    """(b, k) of the first True entry of a [B, K] bool tensor."""
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_write_compressed_kv_ranges(key_cache, key, slot_mapping, index) -> None:
+    """Data-dependent checks, before anything is written: every slot is -1 or in
+    [0, num_blocks * block_size), no slot is written twice, every index of a written entry is
+    in [0, N). One device-to-host sync in the common (valid) case."""
+    op = "write_compressed_kv"
+    num_slots = key_cache.shape[0] * key_cache.shape[1]
+    tokens = key.shape[2]
+    bad_slot = (slot_mapping < -1) | (slot_mapping >= num_slots)  # (B, K)
+    writes = slot_mapping >= 0
+    flags = [bad_slot.any()]
+    if index is not None:
+        bad_index = writes & ((index < 0) | (index >= tokens))
+        flags.append(bad_index.any())
+    written = slot_mapping[writes]
+    any_slot_bad, *rest = torch.stack(flags).tolist()
+    if any_slot_bad:
+        b, k = _first_bad(bad_slot)
+        raise ValueError(
+            f"{op}: slot_mapping[{b}, {k}] = {int(slot_mapping[b, k])} is out of range: slots must be -1 (skip) "
+            f"or in [0, num_blocks * block_size) = [0, {num_slots}) for key_cache {_shape(key_cache)}"
+        )
+    if rest and rest[0]:
+        b, k = _first_bad(bad_index)
+        raise ValueError(
+            f"{op}: index[{b}, {k}] = {int(index[b, k])} is out of range [0, N) = [0, {tokens}) for key "
+            f"{_shape(key)} (slot_mapping[{b}, {k}] = {int(slot_mapping[b, k])})"
+        )
+    if written.numel() > 1 and torch.unique(written).numel() != written.numel():
+        values, counts = torch.unique(written, return_counts=True)
+        raise ValueError(f"{op}: slot_mapping writes slot {int(values[counts > 1][0])} more than once")
+
+
+def write_compressed_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    weights: Optional[torch.Tensor] = None,
+    index: Optional[torch.Tensor] = None,
+    check: bool = True,
+) -> None:
+    """Write K compressed entries per batch row of one layer into a paged KV cache, in place.
+
+    Args:
+        key_cache, value_cache: `(num_blocks, block_size, Hkv, D)`, any strides and a dtype
+            of their own (the op converts). A vLLM-style paged cache as is, or a Hugging Face
+            per-layer cache `(B, Hkv, L, D)` passed as `.transpose(1, 2)` (slot = b * L + position).
+        key, value: `(B, Hkv, N, D)` the layer's keys/values as attention saw them (after RoPE).
+        slot_mapping: int64 `(B, K)`, flat destination slot of each entry, -1 = skip.
+        weights: float32 `(B, K, N)`: entry k = sum_n weights[b, k, n] * key[b, :, n, :]
+            (fp32 accumulation), the merging compressors.
+        index: int64 `(B, K)`: entry k copies source position index[b, k] (the ETC path:
+            keep the prefix and compression tokens). Exactly one of weights / index.
+        check: validate the slots and indices before writing (one device-to-host sync):
+            out-of-range values or a slot written twice raise ValueError and the caches stay
+            bit-for-bit unchanged. check=False skips that (CUDA graphs, or a caller that
+            validated once for all layers); the kernels then skip out-of-range entries rather
+            than write out of bounds. Under torch.compile the data-dependent check is skipped.
+
+    Nothing outside the given slots is written. key/value must not overlap the caches.
+    """
+    _check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+    if check and not torch.compiler.is_compiling():
+        _check_write_compressed_kv_ranges(key_cache, key, slot_mapping, index)
+    torch.ops.etc_ext.write_compressed_kv.default(
+        key_cache, value_cache, key, value, slot_mapping, weights=weights, index=index
+    )
+
+
+@torch.library.register_fake("etc_ext::write_compressed_kv")
+def _write_compressed_kv_fake(key_cache, value_cache, key, value, slot_mapping, *, weights=None, index=None):
+    op = "write_compressed_kv"
+    torch._check(key.dim() == 4, lambda: f"{op}: key must be [B, Hkv, N, D], got {_shape(key)}")
+    torch._check(key_cache.dim() == 4, lambda: f"{op}: key_cache must be [num_blocks, block_size, Hkv, D]")
+    torch._check(slot_mapping.dim() == 2, lambda: f"{op}: slot_mapping must be [B, K]")
+    torch._check((weights is None) != (index is None), lambda: f"{op}: pass exactly one of weights or index")
+    return None

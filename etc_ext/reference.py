@@ -105,7 +105,8 @@ def aggregation_weights(
     """Merge weights, float32 `(B, K, N)`: softmax over valid n of logits + log(importance).
 
     Tokens with zero importance or mask False get exactly zero weight; a row with no
-    such token left gets all zeros.
+    such token left (or whose valid logits are all -inf) gets all zeros. Computed in
+    float32, or float64 for float64 logits.
     """
     dtype = _accumulate_dtype(logits)
     z = logits.to(dtype)  # (B, K, N)
@@ -116,8 +117,10 @@ def aggregation_weights(
     if mask is not None:
         valid = valid & mask
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
-    weights = torch.softmax(z, dim=-1)
-    return torch.where(valid.any(dim=-1)[:, None, None], weights, torch.zeros_like(weights))
+    # Softmax of an all -inf row is NaN (and so is its gradient): such rows give zeros.
+    alive = (z > float("-inf")).any(dim=-1, keepdim=True)  # (B, K, 1)
+    weights = torch.softmax(torch.where(alive, z, torch.zeros_like(z)), dim=-1)
+    return torch.where(alive, weights, torch.zeros_like(weights))
 
 
 def weighted_aggregate(
@@ -134,7 +137,7 @@ def weighted_aggregate(
         importance: float32 `(B, N)` >= 0, biases the softmax by log(importance).
         mask: bool `(B, N)`, True = token may be merged.
     """
-    weights = aggregation_weights(logits, importance, mask)
+    weights = aggregation_weights(logits, importance, mask)  # (B, K, N)
     return torch.matmul(weights, x.to(weights.dtype)).to(x.dtype)
 
 

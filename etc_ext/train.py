@@ -385,8 +385,9 @@ class Trainer:
             precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
         return precision
 
-    def _build_model(self, device: torch.device):
-        """Loads the model and applies LoRA and ETC; returns `(model, processor, etc_config, integration)`."""
+    def _build_model(self, device: torch.device, for_export: bool = False):
+        """Loads the model and applies LoRA and ETC; returns `(model, processor, etc_config, integration)`.
+        `for_export`: a copy to receive trained weights and be saved (no teacher snapshot)."""
         from .models.loading import integration_for, load_model_and_processor, vision_tower_of
 
         args = self.args
@@ -420,10 +421,15 @@ class Trainer:
             integration.apply_etc(model, etc_config)
             etc_config = _etc_modules(model).config
             snapshot = getattr(integration, "snapshot_teacher", None)
-            if etc_config.teacher == "frozen" and not args.lora and snapshot is not None:
+            if etc_config.teacher == "frozen" and not args.lora and snapshot is not None and not for_export:
                 snapshot(model)  # the starting weights, before any step and before a checkpoint is loaded
         if args.gradient_checkpointing:
-            _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base = _base(model)
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
         return model, processor, etc_config, integration
 
@@ -482,7 +488,10 @@ class Trainer:
             apply_fsdp(model, context, param_dtype)
             teacher = getattr(getattr(_base(model), "etc", None), "frozen_teacher", None)
             if teacher is not None:  # shard the frozen teacher too: a full copy per rank defeats FSDP
-                apply_fsdp(teacher.language_model, context, param_dtype)
+                # (the integration embeds the teacher's input ids itself, outside language_model.forward: the
+                # embedding stays replicated)
+                embeddings = teacher.language_model.get_input_embeddings()
+                apply_fsdp(teacher.language_model, context, param_dtype, replicated_modules=(embeddings,))
                 apply_fsdp(teacher.projector, context, param_dtype)
             return model
         return wrap_ddp(model, context, args.ddp_find_unused_parameters)
@@ -545,7 +554,9 @@ class Trainer:
         accumulation = self.args.gradient_accumulation_steps
         while True:
             self.sampler.set_epoch(state.epoch)
-            self.sampler.set_start(state.micro_batches_in_epoch * self.args.per_device_batch_size)
+            # (after an epoch's last, partial micro-batch the position is past the end: the epoch is done)
+            start = state.micro_batches_in_epoch * self.args.per_device_batch_size
+            self.sampler.set_start(min(start, self.sampler.num_samples))
             self.loader_generator.manual_seed(self.args.seed + state.epoch)
             iterator = iter(self.loader)
             while True:
@@ -607,7 +618,7 @@ class Trainer:
             "ce": ce_value,
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "tokens": int(tokens),
+            "tokens": int(tokens),  # non-padding input tokens, image tokens included
             "label_tokens": int(label_tokens),
             "samples": int(samples),
         }
@@ -735,7 +746,7 @@ class Trainer:
         )  # collective; the full tensors land on rank 0's CPU
         if not self.context.is_main:
             return None
-        model = self._build_model(torch.device("cpu"))[0]
+        model = self._build_model(torch.device("cpu"), for_export=True)[0]
         missing, unexpected = model.load_state_dict(full_state, strict=False)
         trained_missing = [name for name in missing if name in set(self.trainable_names)]
         if trained_missing or unexpected:

@@ -2,8 +2,10 @@
 
 Scores the 576 visual tokens of a LLaVA-1.5-7B-shaped final layer by text-to-image
 attention, as ETC's instruction-aware target and FastV-style pruning do, with the fused
-op and with eager PyTorch (which materializes every attention probability), then keeps the
-top tokens. Prints agreement, time and peak extra memory of both paths.
+op and with eager PyTorch (which materializes every attention probability), keeps the top
+tokens, merges the rest into one importance-weighted token (weighted_aggregate) and writes
+the compressed keys/values into a paged KV cache (write_compressed_kv). Prints agreement
+and time of the fused ops and the PyTorch path.
 
     python examples/ops_example.py [--batch 2] [--text 40] [--device cpu]
 """
@@ -50,6 +52,22 @@ def main():
     keep = visual_scores.topk(args.keep, dim=1).indices.sort(dim=1).values
     keep_eager = eager[:, prefix : prefix + visual].topk(args.keep, dim=1).indices.sort(dim=1).values
 
+    # Merge the visual tokens that were not kept into one token, weighted by their scores.
+    dropped = torch.ones_like(visual_scores, dtype=torch.bool).scatter(1, keep, False)
+    x = k[:, 0, prefix : prefix + visual]  # (B, N, D): any per-token features
+    logits = torch.zeros(args.batch, 1, visual, device=args.device)
+    merged = ops.weighted_aggregate(x, logits, visual_scores, dropped)
+    merged_ref = reference.weighted_aggregate(x, logits, visual_scores, dropped)
+
+    # A paged cache (blocks of 16 slots) receives the kept entries of each row, in order.
+    block_size = 16
+    num_blocks = (args.batch * args.keep + block_size - 1) // block_size
+    caches = [torch.zeros(num_blocks, block_size, heads, head_dim, device=args.device) for _ in range(4)]
+    slots = torch.arange(args.batch * args.keep, device=args.device).view(args.batch, args.keep)
+    key = k[:, :, prefix : prefix + visual]
+    ops.write_compressed_kv(caches[0], caches[1], key, key, slots, index=keep)
+    reference.write_compressed_kv(caches[2], caches[3], key, key, slots, index=keep)
+
     probs_bytes = args.batch * heads * args.text * seq * 4
     print(f"etc_ext {etc_ext.__version__} (CUDA kernels: {etc_ext.built_with_cuda()}), device {args.device}")
     print(f"q {list(q.shape)}, k {list(k.shape)}: {visual} visual tokens, instruction of {args.text} tokens")
@@ -59,6 +77,8 @@ def main():
     print(f"max |fused - eager| = {(fused - eager).abs().max().item():.2e}")
     print(f"top-{args.keep} visual tokens identical: {torch.equal(keep, keep_eager)}")
     print(f"speed-up: {eager_ms / fused_ms:.2f}x")
+    print(f"merged {int(dropped[0].sum())} dropped tokens into 1: max |fused - PyTorch| = {(merged - merged_ref).abs().max().item():.2e}")
+    print(f"paged KV cache write of {args.keep} kept entries per row identical: {torch.equal(caches[0], caches[2])}")
 
 
 if __name__ == "__main__":

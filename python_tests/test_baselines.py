@@ -616,6 +616,8 @@ def test_bad_models_and_inputs_raise_clear_errors():
         remove_baseline(model)
     with pytest.raises(ValueError, match="remove_etc"):
         apply_baseline(apply_etc(tiny_llava(), ETCConfig(loss="none")), "mean", 4)
+    with pytest.raises(ValueError, match="remove_baseline"):
+        apply_etc(apply_baseline(tiny_llava(), "mean", 4), ETCConfig(loss="none"))
     with pytest.raises(ValueError, match="CLS"):
         apply_baseline(tiny_llava(strategy="full"), "subsample", 4)
     with pytest.raises(TypeError, match="supports LlavaForConditionalGeneration"):

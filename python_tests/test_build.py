@@ -36,6 +36,9 @@ def test_ops_example_agrees_with_pytorch():
         capture_output=True, text=True, check=True, cwd=ROOT, env=_env_importing_this_etc_ext(),
     ).stdout
     assert "top-16 visual tokens identical: True" in out
+    assert "KV cache write of 16 kept entries per row identical: True" in out
+    merge_error = float(out.split("merged 560 dropped tokens into 1: max |fused - PyTorch| = ")[1].split()[0])
+    assert merge_error < 1e-5
     error = float(out.split("max |fused - eager| = ")[1].split()[0])
     assert error < 1e-5
 

@@ -24,6 +24,9 @@ from etc_ext.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
+ETC_CONFIG = json.dumps(
+    {"num_compression_tokens": 2, "decoder_hidden_size": 32, "decoder_num_layers": 1, "vid_weight": 1e-3}
+)
 
 
 def run_env():
@@ -96,13 +99,33 @@ def torchrun_runs(tiny_llava_dir, shapes_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
     outputs = {"ddp": root / "ddp", "fsdp": root / "fsdp", "fsdp_resumed": root / "fsdp_resumed"}
     fsdp_checkpoint = outputs["fsdp"] / "checkpoints" / "checkpoint-00000008"
-    run_torchrun([
+    runs = [
         train_argv(tiny_llava_dir, shapes_data, outputs["ddp"], grad_accum=1),
         train_argv(tiny_llava_dir, shapes_data, outputs["fsdp"], "--fsdp", grad_accum=1),
         train_argv(tiny_llava_dir, shapes_data, outputs["fsdp_resumed"], "--fsdp", "--resume", fsdp_checkpoint,
                    grad_accum=1),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    outputs["etc_ddp"], outputs["etc_fsdp"] = root / "etc_ddp", root / "etc_fsdp"
+    runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_ddp"], grad_accum=1))
+    runs.append(etc_argv(tiny_llava_dir, shapes_data, outputs["etc_fsdp"], "--fsdp", grad_accum=1))
+    run_torchrun(runs)
     return outputs
+
+
+def etc_argv(model_dir, data_dir, output, *extra, steps=4, grad_accum=2):
+    """ETC fine-tuning (M = 2 compression tokens, a small VID decoder), `steps` steps of global batch 4."""
+    argv = train_argv(model_dir, data_dir, output, "--etc-config", ETC_CONFIG, "--save-steps", "2", *extra,
+                      grad_accum=grad_accum)  # fmt: skip
+    argv[argv.index("--max-steps") + 1] = str(steps)
+    return argv
+
+
+@pytest.fixture(scope="module")
+def etc_run(tiny_llava_dir, shapes_data, tmp_path_factory):
+    """ETC fine-tuning of the whole language model (frozen teacher), 4 steps, checkpoints at steps 2 and 4."""
+    output = tmp_path_factory.mktemp("etc") / "run"
+    assert run_in_process(etc_argv(tiny_llava_dir, shapes_data, output)) == 0
+    return output
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
@@ -214,6 +237,33 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(reference_run, tiny
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
 
 
+def test_sigterm_saves_a_checkpoint_and_stops(reference_run, tiny_llava_dir, shapes_data, tmp_path, monkeypatch):
+    """SIGTERM (preemption): the run finishes its step, writes a checkpoint, stops; resuming completes it. The
+    signal is sent to this process during step 5, through the real handler."""
+    from etc_ext.train import Trainer
+
+    original = Trainer._training_step
+    steps = []
+
+    def step_then_terminate(self, group):
+        metrics = original(self, group)
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    output = tmp_path / "terminated"
+    argv = train_argv(tiny_llava_dir, shapes_data, output)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_training_step", step_then_terminate)
+        assert run_in_process(argv) == 0
+    assert len(steps) == 5 and not (output / "final").exists()
+    assert [step for step, _ in list_checkpoints(output / "checkpoints")] == [4, 5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after training
+    assert run_in_process([*argv, "--resume", "auto"]) == 0
+    assert_same_weights(final_weights(output), final_weights(reference_run))
+
+
 def test_truncated_checkpoint_fails_clearly_and_the_previous_one_resumes(
     reference_run, tiny_llava_dir, shapes_data, tmp_path
 ):
@@ -314,7 +364,7 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tiny_llava_dir, shapes_da
     from transformers import AutoModelForImageTextToText
 
     output = tmp_path / "lora"
-    argv = train_argv(tiny_llava_dir, shapes_data, output, "--lora", "--lora-rank", "4")
+    argv = train_argv(tiny_llava_dir, shapes_data, output, "--lora", "--lora-rank", "4", "--gradient-checkpointing")
     argv[argv.index("--max-steps") + 1] = "4"
     assert run_in_process(argv) == 0
     checkpoint = load_file(output / "checkpoints" / "checkpoint-00000004" / "model.safetensors")
@@ -345,3 +395,94 @@ def test_fsdp_two_processes_match_and_resume(reference_run, torchrun_runs):
     resumed = torchrun_runs["fsdp_resumed"]
     assert_same_weights(final_weights(resumed), final_weights(output))
     assert [r["step"] for r in read_metrics(resumed)] == list(range(9, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------------------------ ETC
+def etc_weights(output):
+    weights = load_file(os.path.join(output, "final", "etc_model.safetensors"))
+    base = os.path.join(output, "final", "base_model.safetensors")
+    if os.path.isfile(base):
+        weights.update({f"base.{k}": v for k, v in load_file(base).items()})
+    return weights
+
+
+def test_etc_training_saves_etc_parts_and_evaluates_compressed(etc_run, tiny_llava_dir, shapes_data, tmp_path):
+    records = read_metrics(etc_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:  # loss = CE + vid_weight * VID
+        assert record["vid"] > 0 and record["loss"] == pytest.approx(record["ce"] + 1e-3 * record["vid"], rel=1e-5)
+    assert records[-1]["loss"] < records[0]["loss"]
+    final = etc_run / "final"
+    assert {"etc_config.json", "etc_model.safetensors", "base_model.safetensors", "training_info.json"} <= set(
+        os.listdir(final)
+    )
+    assert json.loads((final / "etc_config.json").read_text())["num_compression_tokens"] == 2
+
+    results = {}
+    for name, model in (("etc", final), ("full", tiny_llava_dir)):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval", "--model", str(model), "--data", os.path.join(shapes_data, "test.json"), "--batch-size", "4",
+                "--max-new-tokens", "2", "--warmup", "0", "--json", str(out), "--no-progress"]  # fmt: skip
+        assert run_in_process(argv) == 0
+        results[name] = json.loads(out.read_text())
+    etc, full = results["etc"], results["full"]
+    assert etc["num_compression_tokens"] == 2 and etc["etc"]["num_compression_tokens"] == 2
+    assert etc["visual_tokens"] == 2 and full["visual_tokens"] == etc["visual_tokens_input"] == 144
+    assert etc["kv_cache_tokens"] == pytest.approx(etc["prompt_tokens"] - 144 + 2)
+    bytes_per_entry = full["kv_cache_bytes"] / full["kv_cache_tokens"]
+    assert etc["kv_cache_bytes"] == pytest.approx(etc["kv_cache_tokens"] * bytes_per_entry)
+
+
+def test_etc_resume_is_exact(etc_run, tiny_llava_dir, shapes_data, tmp_path):
+    """The frozen teacher is the starting model, also after a resume (taken before the checkpoint is loaded)."""
+    output = tmp_path / "etc_resumed"
+    os.makedirs(output / "checkpoints")
+    name = "checkpoint-00000002"
+    shutil.copytree(etc_run / "checkpoints" / name, output / "checkpoints" / name)
+    assert run_in_process([*etc_argv(tiny_llava_dir, shapes_data, output), "--resume", "auto"]) == 0
+    assert_same_weights(etc_weights(output), etc_weights(etc_run))
+
+
+@pytest.mark.parametrize("kind", ["etc_ddp", "etc_fsdp"])
+def test_etc_two_processes_follow_the_same_loss_curve(etc_run, torchrun_runs, kind):
+    """ETC under DDP and FSDP (2 processes x batch 2): the 1-process CE and VID curves and weights; under FSDP the
+    frozen teacher is sharded too."""
+    runs, reference = read_metrics(torchrun_runs[kind]), read_metrics(etc_run)
+    assert len(runs) == len(reference) == 4
+    for a, b in zip(runs, reference):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+        assert a["vid"] == pytest.approx(b["vid"], rel=1e-4)
+    assert_same_weights(etc_weights(torchrun_runs[kind]), etc_weights(etc_run), atol=1e-4)
+
+
+def test_etc_with_lora(tiny_llava_dir, shapes_data, tmp_path):
+    output = tmp_path / "etc_lora"
+    assert run_in_process(etc_argv(tiny_llava_dir, shapes_data, output, "--lora", "--lora-rank", "4", steps=2)) == 0
+    final = output / "final"
+    assert os.path.isfile(final / "adapter" / "adapter_config.json") and os.path.isfile(final / "etc_config.json")
+    checkpoint = load_file(output / "checkpoints" / "checkpoint-00000002" / "model.safetensors")
+    assert any(".etc." in n or n.startswith("etc.") for n in checkpoint) and any("lora_A" in n for n in checkpoint)
+    out = tmp_path / "eval.json"
+    # the base model and the ETC parts named separately (--etc), LoRA adapters merged on loading
+    argv = ["eval", "--model", str(tiny_llava_dir), "--etc", str(final), "--data",
+            os.path.join(shapes_data, "test.json"), "--num-samples", "4", "--max-new-tokens", "2", "--warmup", "0",
+            "--json", str(out), "--no-progress"]  # fmt: skip
+    assert run_in_process(argv) == 0
+    assert json.loads(out.read_text())["visual_tokens"] == 2
+
+
+def test_resumable_sampler_skips_the_consumed_part_of_an_epoch():
+    from etc_ext.train import ResumableDistributedSampler
+
+    data = list(range(7))
+    for rank in (0, 1):
+        sampler = ResumableDistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        full = list(sampler)
+        assert len(full) == 4  # 7 samples padded to 8 over 2 ranks
+        sampler.set_start(2)
+        assert list(sampler) == full[2:] and len(sampler) == 2
+        sampler.set_start(4)  # the whole epoch consumed
+        assert list(sampler) == []
+        with pytest.raises(ValueError):
+            sampler.set_start(5)

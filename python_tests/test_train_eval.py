@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -138,12 +136,25 @@ def test_cli_parses_into_training_arguments():
         build_parser().parse_args(["train", "--data", "d.json", "--output", "o"])  # --model is required
 
 
-def test_console_script_entry_point():
-    import tomllib
+def test_console_script_entry_point(capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts["etc-ext"] == "etc_ext.cli:main"
-    result = subprocess.run([sys.executable, "-m", "etc_ext.cli", "--help"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)  # fmt: skip
-    assert result.returncode == 0 and "etc-ext" in result.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0 and "usage: etc-ext" in capsys.readouterr().out
+    assert cli_main([]) == 2  # no subcommand: the help, and a usage error code
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from etc_ext.models.tiny import main as tiny_main
+
+    tiny_main(["--out", str(tmp_path / "tiny"), "--text-layers", "1", "--text-hidden-size", "32"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(tmp_path / "tiny")
+    assert (config.text_config.num_hidden_layers, config.text_config.hidden_size) == (1, 32)
+    assert os.path.isfile(tmp_path / "tiny" / "processor_config.json")

@@ -1,4 +1,5 @@
-"""Model-agnostic parts of the integrations: the module that holds ETC's parameters, and its checkpoints.
+"""Model-agnostic parts of the integrations: the module that holds ETC's parameters, installing it on a model (the
+class swap), the frozen teacher snapshot, instruction bookkeeping, and checkpoints.
 
 `model.etc` (an `ETCModules`) is registered on the patched Hugging Face model, so its parameters train, move and
 save with the model; `save_pretrained` / `from_pretrained` write and read them (plus, optionally, the fine-tuned
@@ -9,13 +10,14 @@ import copy
 import os
 from typing import Callable, Optional
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..compress import CompressionTokens
+from ..compress import CompressionTokens, ImageSpans, right_aligned_index
 from ..config import ETCConfig
-from ..distill import DistillHead
+from ..distill import DistillHead, resolve_target_layer
 
 __all__ = [
     "ETC_CONFIG_NAME",
@@ -23,7 +25,14 @@ __all__ = [
     "BASE_WEIGHTS_NAME",
     "ADAPTER_DIR",
     "ETCModules",
+    "FrozenTeacher",
     "unwrap_peft",
+    "install_etc",
+    "uninstall_etc",
+    "etc_subclass",
+    "frozen_teacher",
+    "instruction_index",
+    "check_etc_inputs",
     "save_pretrained",
     "from_pretrained",
 ]
@@ -39,6 +48,8 @@ class ETCModules(nn.Module):
 
     Attributes:
         config: the `ETCConfig` (with `hidden_size` and `num_visual_tokens` filled in).
+        position_grid: for models whose images have variable N, the `(gh, gw)` grid of the decoder's position
+            embeddings (`gh * gw == config.num_visual_tokens`), see `etc_ext.distill.VIDDecoder`.
         compression_tokens: the `[M, hidden_size]` embeddings inserted after each image.
         distill: the training-only decoder and variances (`None` when `config.loss == "none"`).
         enabled: when False the patched model runs exactly as the original one.
@@ -46,20 +57,36 @@ class ETCModules(nn.Module):
             or "masked"; `forward(..., etc_prefill_method=...)` overrides it per call.
     """
 
-    def __init__(self, config: ETCConfig, initializer_range: float = 0.02):
+    def __init__(
+        self, config: ETCConfig, initializer_range: float = 0.02, position_grid: Optional[tuple[int, int]] = None
+    ):
         super().__init__()
         self.config = config
         self.compression_tokens = CompressionTokens(
             config.num_compression_tokens, config.hidden_size, initializer_range
         )
         self.distill = (
-            DistillHead(config, config.hidden_size, config.num_visual_tokens) if config.loss != "none" else None
+            DistillHead(config, config.hidden_size, config.num_visual_tokens, position_grid)
+            if config.loss != "none"
+            else None
         )
         self.enabled = True
         self.prefill_method = "auto"
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, prefill_method={self.prefill_method!r}"
+
+
+class FrozenTeacher(nn.Module):
+    """Frozen copies of some modules of the starting model (e.g. `projector`, `language_model`): the teacher of
+    `teacher="frozen"` under full fine-tuning. Each keyword becomes an attribute holding a deep copy."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            setattr(self, name, copy.deepcopy(module))
+        self.requires_grad_(False)
+        self.eval()
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -81,6 +108,124 @@ def _get_etc(model: nn.Module) -> ETCModules:
     if not isinstance(etc, ETCModules):
         raise ValueError("This model has no ETC parts: call apply_etc(model, config) first")
     return etc
+
+
+def install_etc(
+    model: nn.Module,
+    config: Optional[ETCConfig],
+    model_class: type,
+    etc_class: Callable[[type], type],
+    vision_tower: Callable[[nn.Module], nn.Module],
+    num_visual_tokens: int,
+    position_grid: Optional[tuple[int, int]] = None,
+) -> nn.Module:
+    """The body of the integrations' `apply_etc`: check the model, fill in and check the config, register
+    `model.etc` on the model's device and dtype, freeze the vision tower (`config.freeze_vision_tower`) and swap the
+    class to `etc_class(type(model))`. Returns `model` (a peft wrapper stays around the patched model).
+
+    Args:
+        model_class: the Hugging Face class the integration supports.
+        vision_tower: returns the vision tower of the (unwrapped) model.
+        num_visual_tokens: `ETCConfig.num_visual_tokens` of this model (N, or the decoder's position grid size).
+        position_grid: see `ETCModules`.
+    """
+    config = copy.deepcopy(config) if config is not None else ETCConfig()
+    base = unwrap_peft(model)
+    if not isinstance(base, model_class):
+        raise TypeError(f"apply_etc expects a {model_class.__name__}, got {type(base).__name__}")
+    if isinstance(getattr(base, "etc", None), ETCModules):
+        raise ValueError("ETC is already applied to this model (remove_etc(model) first)")
+    if getattr(base, "baseline", None) is not None:
+        raise ValueError("a training-free baseline is applied to this model (etc_ext.baselines.remove_baseline first)")
+    text_config = base.config.get_text_config()
+    expected = {"hidden_size": text_config.hidden_size, "num_visual_tokens": num_visual_tokens}
+    for name, value in expected.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+        elif getattr(config, name) != value:
+            raise ValueError(f"ETCConfig.{name}={getattr(config, name)} does not fit this model ({name}={value})")
+    resolve_target_layer(config.target_layer, text_config.num_hidden_layers)  # raises when out of range
+
+    embeddings = base.get_input_embeddings().weight
+    etc = ETCModules(
+        config, initializer_range=getattr(text_config, "initializer_range", 0.02), position_grid=position_grid
+    )
+    etc.to(device=embeddings.device, dtype=embeddings.dtype)
+    etc.original_class = type(base)
+    tower = vision_tower(base)
+    etc.vision_requires_grad = [p.requires_grad for p in tower.parameters()]
+    if config.freeze_vision_tower:
+        tower.requires_grad_(False)
+    base.etc = etc
+    base.__class__ = etc_class(type(base))
+    return model
+
+
+def uninstall_etc(model: nn.Module, vision_tower: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """The body of `remove_etc`: drop `model.etc` (and the teacher snapshot), restore the class and the vision
+    tower's `requires_grad`. Returns `model`."""
+    base = unwrap_peft(model)
+    etc = getattr(base, "etc", None)
+    if not isinstance(etc, ETCModules):
+        raise ValueError("remove_etc: ETC is not applied to this model")
+    for param, requires_grad in zip(vision_tower(base).parameters(), etc.vision_requires_grad):
+        param.requires_grad_(requires_grad)
+    base.__class__ = etc.original_class
+    del base.etc
+    return model
+
+
+def etc_subclass(cls: type, etc_base: type, registry: dict) -> type:
+    """The ETC class for `cls`: `etc_base` for the class it extends, else (a user's subclass of that class) a class
+    deriving from both, made once and kept in `registry`."""
+    if cls not in registry:
+        registry[cls] = type(f"ETC{cls.__name__}", (etc_base, cls), {})
+    return registry[cls]
+
+
+def frozen_teacher(model: nn.Module, modules: Callable[[nn.Module], dict]) -> FrozenTeacher:
+    """The frozen teacher of a patched model, made from `modules(base)` (name -> module) the first time and kept on
+    `model.etc` unregistered (it neither trains nor saves); it follows the input embeddings' device."""
+    base = unwrap_peft(model)
+    etc = base.etc
+    teacher = getattr(etc, "frozen_teacher", None)
+    if teacher is None:
+        teacher = FrozenTeacher(**modules(base))
+        object.__setattr__(etc, "frozen_teacher", teacher)  # unregistered on purpose (see docstring)
+    device = base.get_input_embeddings().weight.device
+    if next(teacher.parameters()).device != device:
+        teacher.to(device)
+    return teacher
+
+
+def instruction_index(
+    spans: ImageSpans,
+    visual_token_mask: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    length: int,
+) -> torch.Tensor:
+    """`(I, T)` positions of each image's instruction tokens: real text tokens after the image that are not visual
+    tokens (of any image) nor answer tokens (labels == -100 when labels are given), right-aligned, -1 = none."""
+    rows = spans.row
+    after = torch.arange(length, device=rows.device)[None] >= spans.end[:, None]  # (I, L)
+    select = after & ~visual_token_mask[rows]
+    if attention_mask is not None:
+        select &= attention_mask.bool()[rows]
+    if labels is not None:
+        select &= labels[rows] == -100
+    return right_aligned_index(select)
+
+
+def check_etc_inputs(input_ids, inputs_embeds, labels, kwargs: dict) -> None:
+    """Checks shared by the integrations' compressed forward."""
+    if input_ids is None or inputs_embeds is not None:
+        raise ValueError("ETC needs input_ids (not inputs_embeds) to find the images and insert its tokens")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag):
+            raise NotImplementedError(f"ETC: {flag} is not supported with compression enabled")
 
 
 def _cpu_state_dict(tensors: dict) -> dict:

@@ -14,7 +14,6 @@ the VID decoder and variances), freezes the vision tower, and makes the model an
 The user's prompts and the processor's outputs stay as they are: the model inserts the compression tokens itself.
 """
 
-import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -37,7 +36,6 @@ from ..compress import (
     find_image_spans,
     insert_compression_tokens,
     record_input,
-    right_aligned_index,
     to_attention_mask,
 )
 from ..config import ETCConfig
@@ -50,7 +48,7 @@ from ..distill import (
     resolve_target_layer,
 )
 from . import common
-from .common import ETCModules, unwrap_peft
+from .common import ETCModules, FrozenTeacher, check_etc_inputs, unwrap_peft
 
 __all__ = [
     "ETCLlavaCausalLMOutputWithPast",
@@ -89,17 +87,6 @@ class _ETCInputs:
     image_features: torch.Tensor  # (I * N, H) projector outputs
     projector_input: Optional[torch.Tensor]  # what the projector received (for a teacher's own projector)
     image_outputs: object
-
-
-class _FrozenTeacher(nn.Module):
-    """A frozen snapshot of the projector and language model: the "starting model" under full fine-tuning."""
-
-    def __init__(self, projector: nn.Module, language_model: nn.Module):
-        super().__init__()
-        self.projector = copy.deepcopy(projector)
-        self.language_model = copy.deepcopy(language_model)
-        self.requires_grad_(False)
-        self.eval()
 
 
 class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -201,19 +188,11 @@ class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def _etc_check_inputs(
         self, input_ids, inputs_embeds, has_images, pixel_values, encoded_images, labels, kwargs
     ) -> None:
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError("ETC needs input_ids (not inputs_embeds) to find the images and insert its tokens")
+        check_etc_inputs(input_ids, inputs_embeds, labels, kwargs)
         if pixel_values is not None and encoded_images is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both")
         if not has_images:
             raise ValueError("ETC: input_ids contain image tokens but no pixel_values were given")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}"
-            )
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):
-                raise NotImplementedError(f"ETC: {flag} is not supported with compression enabled")
 
     def _etc_inputs(
         self,
@@ -371,7 +350,7 @@ class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = self.etc.config
         spans = prepared.layout.spans
         length = input_ids.shape[1]
-        instruction_index = _instruction_index(spans, prepared.image_token_mask, attention_mask, labels, length)
+        instruction_index = common.instruction_index(spans, prepared.image_token_mask, attention_mask, labels, length)
         visual_index = spans.start[:, None] + torch.arange(int(spans.num_tokens[0]), device=input_ids.device)[None]
         teacher_states, recorder = self._etc_teacher_pass(
             prepared, input_ids, attention_mask, position_ids, hidden_index, attention_layer
@@ -482,19 +461,6 @@ class ETCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return {"attention_mask": mask, "position_ids": positions}
 
 
-def _instruction_index(spans, image_token_mask, attention_mask, labels, length) -> torch.Tensor:
-    """`(I, T)` positions of each image's instruction tokens: real text tokens after the image that are not answer
-    tokens (labels == -100 when labels are given), right-aligned, -1 = none."""
-    rows = spans.row
-    after = torch.arange(length, device=rows.device)[None] >= spans.end[:, None]  # (I, L)
-    select = after & ~image_token_mask[rows]
-    if attention_mask is not None:
-        select &= attention_mask.bool()[rows]
-    if labels is not None:
-        select &= labels[rows] == -100
-    return right_aligned_index(select)
-
-
 # ================================================================================================== public API
 def num_visual_tokens(config) -> int:
     """N, the visual tokens per image of a `LlavaConfig` (CLIP patches, plus CLS with the "full" strategy)."""
@@ -511,46 +477,19 @@ def apply_etc(model: nn.Module, config: Optional[ETCConfig] = None) -> nn.Module
     `ETCLlavaForConditionalGeneration`. With peft, wrap first (`get_peft_model`), then apply ETC, so that peft does
     not freeze ETC's parameters. Returns `model`.
     """
-    config = copy.deepcopy(config) if config is not None else ETCConfig()
     base = unwrap_peft(model)
-    if not isinstance(base, LlavaForConditionalGeneration):
-        raise TypeError(f"apply_etc expects a LlavaForConditionalGeneration, got {type(base).__name__}")
-    if isinstance(getattr(base, "etc", None), ETCModules):
-        raise ValueError("ETC is already applied to this model (remove_etc(model) first)")
-    text_config = base.config.text_config
-    expected = {"hidden_size": text_config.hidden_size, "num_visual_tokens": num_visual_tokens(base.config)}
-    for name, value in expected.items():
-        if getattr(config, name) is None:
-            setattr(config, name, value)
-        elif getattr(config, name) != value:
-            raise ValueError(f"ETCConfig.{name}={getattr(config, name)} does not fit this model ({name}={value})")
-    resolve_target_layer(config.target_layer, text_config.num_hidden_layers)  # raises when out of range
-
-    embeddings = base.get_input_embeddings().weight
-    etc = ETCModules(config, initializer_range=getattr(text_config, "initializer_range", 0.02))
-    etc.to(device=embeddings.device, dtype=embeddings.dtype)
-    etc.original_class = type(base)
-    vision_tower = base.model.vision_tower
-    etc.vision_requires_grad = [p.requires_grad for p in vision_tower.parameters()]
-    if config.freeze_vision_tower:
-        vision_tower.requires_grad_(False)
-    base.etc = etc
-    base.__class__ = _etc_class(type(base))
-    return model
+    n = num_visual_tokens(base.config) if isinstance(base, LlavaForConditionalGeneration) else None
+    return common.install_etc(model, config, LlavaForConditionalGeneration, _etc_class, _vision_tower, n)
 
 
 def remove_etc(model: nn.Module) -> nn.Module:
     """Undo `apply_etc`: drop `model.etc` (and the teacher snapshot), restore the class and the vision tower's
     `requires_grad`. Returns `model`."""
-    base = unwrap_peft(model)
-    etc = getattr(base, "etc", None)
-    if not isinstance(etc, ETCModules):
-        raise ValueError("remove_etc: ETC is not applied to this model")
-    for param, requires_grad in zip(base.model.vision_tower.parameters(), etc.vision_requires_grad):
-        param.requires_grad_(requires_grad)
-    base.__class__ = etc.original_class
-    del base.etc
-    return model
+    return common.uninstall_etc(model, _vision_tower)
+
+
+def _vision_tower(base: nn.Module) -> nn.Module:
+    return base.model.vision_tower
 
 
 _ETC_CLASSES: dict = {LlavaForConditionalGeneration: ETCLlavaForConditionalGeneration}
@@ -558,26 +497,17 @@ _ETC_CLASSES: dict = {LlavaForConditionalGeneration: ETCLlavaForConditionalGener
 
 def _etc_class(cls: type) -> type:
     """`ETCLlavaForConditionalGeneration` for LLaVA, an ETC subclass of any subclass of it."""
-    if cls not in _ETC_CLASSES:
-        _ETC_CLASSES[cls] = type(f"ETC{cls.__name__}", (ETCLlavaForConditionalGeneration, cls), {})
-    return _ETC_CLASSES[cls]
+    return common.etc_subclass(cls, ETCLlavaForConditionalGeneration, _ETC_CLASSES)
 
 
-def snapshot_teacher(model: nn.Module) -> _FrozenTeacher:
+def snapshot_teacher(model: nn.Module) -> FrozenTeacher:
     """The frozen teacher of `teacher="frozen"` under full fine-tuning: a copy of the projector and language model,
     taken the first time the teacher runs (the first training forward, or `instruction_target`); call this earlier
     to take it from the weights as they are now. It is not a submodule: it neither trains nor saves, and it follows
     the language model's device."""
-    base = unwrap_peft(model)
-    etc = base.etc
-    teacher = getattr(etc, "frozen_teacher", None)
-    if teacher is None:
-        teacher = _FrozenTeacher(base.model.multi_modal_projector, base.model.language_model)
-        object.__setattr__(etc, "frozen_teacher", teacher)  # unregistered on purpose (see docstring)
-    device = base.get_input_embeddings().weight.device
-    if next(teacher.parameters()).device != device:
-        teacher.to(device)
-    return teacher
+    return common.frozen_teacher(
+        model, lambda base: {"projector": base.model.multi_modal_projector, "language_model": base.model.language_model}
+    )
 
 
 def instruction_target(model: nn.Module, input_ids, pixel_values, attention_mask=None, labels=None) -> dict:

@@ -23,6 +23,7 @@ from torch import nn
 # subclasses, e.g. the ETC class apply_etc swaps in, resolve to the same integration).
 INTEGRATIONS = {
     "LlavaForConditionalGeneration": "llava",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 ETC_CONFIG_NAME = "etc_config.json"  # as written by etc_ext.models.common.save_pretrained
 TRAINING_INFO_NAME = "training_info.json"  # written by etc-ext train next to the final weights

@@ -1,0 +1,249 @@
+"""Benchmarks of weighted_aggregate and of the 32-layer KV-cache compaction at LLaVA-1.5-7B
+sizes, ours against the eager reference and torch.compile(reference).
+
+- weighted_aggregate: x (B, 576, 4096) (576 visual tokens, hidden 4096), B in {1, 8},
+  float32 and bfloat16, K in {1, 4, 16, 64} merged tokens, logits float32 (B, K, 576).
+- KV compaction: 32 layers of (B, 32, 650, 128) keys and values (35 prefix tokens, 576
+  visual, 1 compression token, 38 text) keeping the 74 non-visual positions, with
+  etc_ext.cache.compact_kv_layers against a per-layer torch.gather / index_select loop.
+
+Run as pytest-benchmark tests (from the repository root):
+    python -m pytest bench/bench_aggregate_kv.py --benchmark-only -q
+or print the table of `run_table`:
+    python bench/bench_aggregate_kv.py [--quick]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import benchmark as tbench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+import etc_ext  # noqa: E402,F401
+from etc_ext import ops, reference  # noqa: E402
+from etc_ext.cache import compact_kv_layers  # noqa: E402
+
+# LLaVA-1.5-7B
+TOKENS, HIDDEN = 576, 4096
+BATCHES = [1, 8]
+ROWS = [1, 4, 16, 64]
+DTYPES = [torch.float32, torch.bfloat16]
+LAYERS, KV_HEADS, HEAD_DIM = 32, 32, 128
+PREFIX, VISUAL, COMPRESSION, TEXT = 35, 576, 1, 38  # 650 positions, 74 kept
+KV_DTYPE = torch.bfloat16
+
+# One compiled graph per (dtype, shape): more than dynamo's default recompile limit of 8.
+torch._dynamo.config.recompile_limit = 64
+_compiled_reference = None
+
+
+def compiled_reference():
+    global _compiled_reference
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(reference.weighted_aggregate, dynamic=False)
+    return _compiled_reference
+
+
+def aggregate_inputs(batch, rows, dtype, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, TOKENS, HIDDEN, generator=gen).to(dtype).to(device)
+    logits = torch.randn(batch, rows, TOKENS, generator=gen).to(device)
+    return x, logits
+
+
+def kv_inputs(batch=1, seed=0, device="cpu"):
+    """32 layers of (key, value) (B, Hkv, L, D) and keep_index (B, 74)."""
+    gen = torch.Generator().manual_seed(seed)
+    length = PREFIX + VISUAL + COMPRESSION + TEXT
+    layers = [
+        (
+            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device),
+            torch.randn(batch, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device),
+        )
+        for _ in range(LAYERS)
+    ]
+    keep = torch.cat([torch.arange(PREFIX), torch.arange(PREFIX + VISUAL, length)])
+    return layers, keep[None].expand(batch, -1).contiguous().to(device)
+
+
+def gather_loop(layers, keep):
+    """The baseline: one torch.gather per layer for keys and for values (per-row indices)."""
+    batch, kept = keep.shape
+    out = []
+    for key, value in layers:
+        idx = keep[:, None, :, None].expand(batch, key.shape[1], kept, key.shape[3])
+        out.append((key.gather(2, idx), value.gather(2, idx)))
+    return out
+
+
+def index_select_loop(layers, keep):
+    """The baseline when every row keeps the same positions (B = 1 here)."""
+    positions = keep[0]
+    return [(key.index_select(2, positions), value.index_select(2, positions)) for key, value in layers]
+
+
+def compact_ours(layers, keep):
+    return compact_kv_layers(layers, keep)
+
+
+_compiled_gather = None
+
+
+def compiled_gather_loop():
+    global _compiled_gather
+    if _compiled_gather is None:
+        _compiled_gather = torch.compile(gather_loop, dynamic=False)
+    return _compiled_gather
+
+
+# ------------------------------------------------------------------ pytest-benchmark
+AGGREGATE_IMPLS = {
+    "ours": lambda x, logits: ops.weighted_aggregate(x, logits),
+    "eager": lambda x, logits: reference.weighted_aggregate(x, logits),
+    "compile": lambda x, logits: compiled_reference()(x, logits),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(AGGREGATE_IMPLS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_weighted_aggregate(benchmark, impl, dtype, batch, rows):
+    x, logits = aggregate_inputs(batch, rows, dtype)
+    fn = AGGREGATE_IMPLS[impl]
+    with torch.inference_mode():
+        expected = reference.weighted_aggregate(x, logits)
+        out = fn(x, logits)  # warm-up (and compilation)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+        benchmark.group = f"weighted_aggregate {str(dtype)[6:]} x=({batch}, {TOKENS}, {HIDDEN}) K={rows}"
+        benchmark.extra_info["bytes"] = x.numel() * x.element_size()
+        benchmark(fn, x, logits)
+
+
+KV_IMPLS = {
+    "ours": compact_ours,
+    "gather_loop": gather_loop,
+    "index_select_loop": index_select_loop,
+    "compile_gather_loop": lambda layers, keep: compiled_gather_loop()(layers, keep),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(KV_IMPLS))
+def test_kv_compaction_32_layers(benchmark, impl):
+    layers, keep = kv_inputs()
+    fn = KV_IMPLS[impl]
+    with torch.inference_mode():
+        out = fn(layers, keep)  # warm-up (and compilation)
+        expected = gather_loop(layers, keep)
+        assert all(torch.equal(a, b) for pair, ref in zip(out, expected) for a, b in zip(pair, ref))
+        benchmark.group = f"kv compaction {LAYERS} layers ({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep 74"
+        benchmark(fn, layers, keep)
+
+
+# ------------------------------------------------------------------ table
+def _time_ms(fn, min_run_time: float, repeats: int) -> float:
+    """Best of `repeats` blocked_autorange medians, in ms: the machine is shared and noisy,
+    and the minimum is the least disturbed estimate."""
+    best = float("inf")
+    for _ in range(repeats):
+        m = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=min_run_time
+        )
+        best = min(best, m.median)
+    return best * 1e3
+
+
+def run_table(quick: bool, device: str = "cpu") -> list:
+    """Measure every row with torch.utils.benchmark (which synchronizes CUDA); returns one
+    dict per row: {op, shape, case (short form of shape, for bench/run.py), dtype, ours_ms,
+    eager_ms, compile_ms, ratio_eager, ratio_compile, ours_gbps, threads, ...}. ratio_* =
+    their time / ours (> 1: ours is faster). quick: fewer shapes and shorter runs."""
+    min_run_time, repeats = (0.2, 2) if quick else (0.5, 3)
+    rows_out = []
+    threads = torch.get_num_threads()
+    batches = [1] if quick else BATCHES
+    ks = [1, 16] if quick else ROWS
+    with torch.inference_mode():
+        for dtype in DTYPES:
+            for batch in batches:
+                for rows in ks:
+                    x, logits = aggregate_inputs(batch, rows, dtype, device=device)
+                    compiled = compiled_reference()
+                    compiled(x, logits)  # compile outside the timing
+                    ours = _time_ms(lambda: ops.weighted_aggregate(x, logits), min_run_time, repeats)
+                    eager = _time_ms(lambda: reference.weighted_aggregate(x, logits), min_run_time, repeats)
+                    comp = _time_ms(lambda: compiled(x, logits), min_run_time, repeats)
+                    moved = x.numel() * x.element_size() + batch * rows * HIDDEN * x.element_size()
+                    rows_out.append(
+                        dict(
+                            op="weighted_aggregate",
+                            shape=f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows}",
+                            case=f"B={batch} K={rows}",
+                            device=str(device),
+                            dtype=str(dtype).replace("torch.", ""),
+                            ours_ms=ours,
+                            eager_ms=eager,
+                            compile_ms=comp,
+                            ratio_eager=eager / ours,
+                            ratio_compile=comp / ours,
+                            ours_gbps=moved / (ours * 1e-3) / 1e9,
+                            ours_gflops=2 * batch * rows * TOKENS * HIDDEN / (ours * 1e-3) / 1e9,
+                            threads=threads,
+                        )
+                    )
+        layers, keep = kv_inputs(device=device)
+        compiled = compiled_gather_loop()
+        compiled(layers, keep)
+        ours = _time_ms(lambda: compact_ours(layers, keep), min_run_time, repeats)
+        eager = _time_ms(lambda: gather_loop(layers, keep), min_run_time, repeats)
+        isel = _time_ms(lambda: index_select_loop(layers, keep), min_run_time, repeats)
+        comp = _time_ms(lambda: compiled(layers, keep), min_run_time, repeats)
+        moved = 2 * 2 * LAYERS * keep.numel() * KV_HEADS * HEAD_DIM * layers[0][0].element_size()  # read + write, k + v
+        rows_out.append(
+            dict(
+                op=f"kv_compaction_{LAYERS}L",
+                shape=f"({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep {keep.shape[1]}",
+                case=f"{LAYERS}L keep {keep.shape[1]}/650",
+                device=str(device),
+                dtype=str(KV_DTYPE).replace("torch.", ""),
+                ours_ms=ours,
+                eager_ms=eager,
+                compile_ms=comp,
+                ratio_eager=eager / ours,
+                ratio_compile=comp / ours,
+                ours_gbps=moved / (ours * 1e-3) / 1e9,
+                index_select_loop_ms=isel,
+                ratio_index_select=isel / ours,
+                threads=threads,
+            )
+        )
+    return rows_out
+
+
+def format_table(rows: list) -> str:
+    header = f"{'op':<24} {'shape':<28} {'dtype':<9} {'ours ms':>9} {'eager ms':>9} {'compile ms':>10} {'x eager':>8} {'x compile':>9} {'GB/s':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['op']:<24} {r['shape']:<28} {r['dtype']:<9} {r['ours_ms']:>9.3f} {r['eager_ms']:>9.3f} "
+            f"{r['compile_ms']:>10.3f} {r['ratio_eager']:>8.2f} {r['ratio_compile']:>9.2f} {r['ours_gbps']:>7.1f}"
+        )
+        if "index_select_loop_ms" in r:
+            lines.append(f"{'':<24} index_select loop: {r['index_select_loop_ms']:.3f} ms (x{r['ratio_index_select']:.2f})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(format_table(run_table(args.quick, device=args.device)))

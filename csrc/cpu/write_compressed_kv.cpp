@@ -1,0 +1,209 @@
+// CPU kernel of write_compressed_kv: K entries per batch row, copied from one source position
+// (index) or merged over the N positions (weights), written into the slots slot_mapping
+// names of a paged cache [num_blocks, block_size, Hkv, D] with any strides, converting to
+// the cache dtype. Slot -1 skips an entry. Out-of-range slots and indices are rejected by
+// the Python wrapper before the call; here they are skipped, so a call with check=False
+// never writes out of bounds.
+#include "../checks.h"
+#include "../ops.h"
+#include "float_convert.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace etc_ext {
+namespace {
+
+struct Strides4 {
+  int64_t s0, s1, s2, s3;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+struct WriteArgs {
+  int64_t batch, kv_heads, tokens, dim, entries;
+  int64_t block_size, num_slots;
+  Strides4 key, value, key_cache, value_cache;
+  const int64_t* slots;  // [B, K] contiguous
+};
+
+// dst[d] = src[d] for d < dim, converted: a memcpy for one dtype and unit strides, else a
+// loop that vectorizes in the unit-stride case.
+template <typename src_t, typename dst_t>
+inline void copy_row(const src_t* __restrict__ src, int64_t src_stride, dst_t* __restrict__ dst,
+                     int64_t dst_stride, int64_t dim) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    if (src_stride == 1 && dst_stride == 1) {
+      std::memcpy(dst, src, static_cast<size_t>(dim) * sizeof(src_t));
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d * dst_stride] = src[d * src_stride];
+    }
+  } else if (src_stride == 1 && dst_stride == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) store_acc(dst + d, load_acc(src + d));
+  } else {
+    for (int64_t d = 0; d < dim; ++d)
+      store_acc(dst + d * dst_stride, load_acc(src + d * src_stride));
+  }
+}
+
+// acc[d] += w * src[d] for d < dim.
+template <typename src_t, typename acc_t>
+inline void axpy_row(acc_t w, const src_t* __restrict__ src, int64_t src_stride,
+                     acc_t* __restrict__ acc, int64_t dim) {
+  if (src_stride == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) acc[d] += w * load_acc(src + d);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) acc[d] += w * load_acc(src + d * src_stride);
+  }
+}
+
+template <typename dst_t, typename acc_t>
+inline void store_row(const acc_t* __restrict__ acc, dst_t* __restrict__ dst, int64_t dst_stride,
+                      int64_t dim) {
+  if (dst_stride == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) store_acc(dst + d, acc[d]);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) store_acc(dst + d * dst_stride, acc[d]);
+  }
+}
+
+// Entry (b, k) copies position index[b, k] of every kv head. Parallel over (b, h), the
+// entries inside: the rows read from one head's [N, D] slice are then (for sorted indices)
+// sequential, which the prefetchers follow; entry-major order jumps between heads on every
+// row and ran 3x slower. Runs of entries with consecutive indices going to consecutive
+// slots of one block (the ETC pattern: a prefix, then the text after the image) are one
+// copy when both sides store their rows contiguously.
+template <typename src_t, typename dst_t>
+void write_index_kernel(const WriteArgs& a, const src_t* key, const src_t* value,
+                        dst_t* key_cache, dst_t* value_cache, const int64_t* index) {
+  const bool rows_contiguous = a.key.s3 == 1 && a.value.s3 == 1 && a.key_cache.s3 == 1 &&
+                               a.value_cache.s3 == 1 && a.key.s2 == a.dim &&
+                               a.value.s2 == a.dim && a.key_cache.s1 == a.dim &&
+                               a.value_cache.s1 == a.dim;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.entries * a.dim));
+  at::parallel_for(0, a.batch * a.kv_heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
+      const src_t* kb = key + b * a.key.s0 + h * a.key.s1;
+      const src_t* vb = value + b * a.value.s0 + h * a.value.s1;
+      const int64_t* slots = a.slots + b * a.entries;
+      const int64_t* idx = index + b * a.entries;
+      int64_t run = 1;
+      for (int64_t k = 0; k < a.entries; k += run) {
+        const int64_t slot = slots[k], src = idx[k];
+        run = 1;
+        if (slot < 0 || slot >= a.num_slots || src < 0 || src >= a.tokens) continue;
+        const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+        if (rows_contiguous) {
+          while (k + run < a.entries && slots[k + run] == slot + run &&
+                 idx[k + run] == src + run && offset + run < a.block_size &&
+                 src + run < a.tokens)
+            ++run;
+        }
+        // `run` rows, contiguous on both sides when run > 1.
+        copy_row(kb + src * a.key.s2, a.key.s3,
+                 key_cache + block * a.key_cache.s0 + offset * a.key_cache.s1 +
+                     h * a.key_cache.s2,
+                 a.key_cache.s3, run * a.dim);
+        copy_row(vb + src * a.value.s2, a.value.s3,
+                 value_cache + block * a.value_cache.s0 + offset * a.value_cache.s1 +
+                     h * a.value_cache.s2,
+                 a.value_cache.s3, run * a.dim);
+      }
+    }
+  });
+}
+
+// Entry (b, k) of kv head h is sum_n weights[b, k, n] * key[b, h, n, :], accumulated in
+// fp32 (fp64 for fp64). Parallel over (b, h): the [N, D] slice of one head stays in cache
+// while the K entries read it. Zero weights are skipped.
+template <typename src_t, typename dst_t>
+void write_weights_kernel(const WriteArgs& a, const src_t* key, const src_t* value,
+                          dst_t* key_cache, dst_t* value_cache, const float* weights,
+                          Strides4 w_stride) {
+  using acc_t = at::opmath_type<src_t>;
+  at::parallel_for(0, a.batch * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_k(static_cast<size_t>(a.dim)), acc_v(static_cast<size_t>(a.dim));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
+      const src_t* kb = key + b * a.key.s0 + h * a.key.s1;
+      const src_t* vb = value + b * a.value.s0 + h * a.value.s1;
+      for (int64_t k = 0; k < a.entries; ++k) {
+        const int64_t slot = a.slots[b * a.entries + k];
+        if (slot < 0 || slot >= a.num_slots) continue;
+        std::fill(acc_k.begin(), acc_k.end(), acc_t(0));
+        std::fill(acc_v.begin(), acc_v.end(), acc_t(0));
+        const float* wk = weights + b * w_stride.s0 + k * w_stride.s1;
+        for (int64_t n = 0; n < a.tokens; ++n) {
+          const acc_t w = wk[n * w_stride.s2];
+          if (w == acc_t(0)) continue;
+          axpy_row(w, kb + n * a.key.s2, a.key.s3, acc_k.data(), a.dim);
+          axpy_row(w, vb + n * a.value.s2, a.value.s3, acc_v.data(), a.dim);
+        }
+        const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+        store_row(acc_k.data(),
+                  key_cache + block * a.key_cache.s0 + offset * a.key_cache.s1 +
+                      h * a.key_cache.s2,
+                  a.key_cache.s3, a.dim);
+        store_row(acc_v.data(),
+                  value_cache + block * a.value_cache.s0 + offset * a.value_cache.s1 +
+                      h * a.value_cache.s2,
+                  a.value_cache.s3, a.dim);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void write_compressed_kv_cpu(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
+                             at::Tensor& value_cache,  // [num_blocks, block_size, Hkv, D]
+                             const at::Tensor& key,    // [B, Hkv, N, D]
+                             const at::Tensor& value,  // [B, Hkv, N, D]
+                             const at::Tensor& slot_mapping,            // int64 [B, K]
+                             const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
+                             const std::optional<at::Tensor>& index) {  // int64 [B, K]
+  check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
+                                 index);
+  TORCH_INTERNAL_ASSERT(key.device().is_cpu());
+  const at::Tensor slots = slot_mapping.contiguous();
+  WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3), slot_mapping.size(1),
+                 key_cache.size(1), key_cache.size(0) * key_cache.size(1), strides_of(key),
+                 strides_of(value), strides_of(key_cache), strides_of(value_cache),
+                 slots.data_ptr<int64_t>()};
+  if (args.batch * args.entries == 0 || args.kv_heads * args.dim == 0) return;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
+                                  "write_compressed_kv_cpu", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
+                                    "write_compressed_kv_cpu_cache", [&] {
+      using dst_t = scalar_t;
+      if (index.has_value()) {
+        const at::Tensor idx = index->contiguous();
+        write_index_kernel<src_t, dst_t>(args, key.data_ptr<src_t>(), value.data_ptr<src_t>(),
+                                         key_cache.data_ptr<dst_t>(),
+                                         value_cache.data_ptr<dst_t>(), idx.data_ptr<int64_t>());
+      } else {
+        const Strides4 w_stride{weights->stride(0), weights->stride(1), weights->stride(2), 0};
+        write_weights_kernel<src_t, dst_t>(args, key.data_ptr<src_t>(), value.data_ptr<src_t>(),
+                                           key_cache.data_ptr<dst_t>(),
+                                           value_cache.data_ptr<dst_t>(),
+                                           weights->data_ptr<float>(), w_stride);
+      }
+    });
+  });
+}
+
+}  // namespace etc_ext

@@ -1,0 +1,160 @@
+// CUDA kernels of write_compressed_kv: K entries per batch row, copied from one source
+// position (index) or merged over the N positions (weights, fp32 accumulation), written
+// into the slots slot_mapping names of a paged cache [num_blocks, block_size, Hkv, D] with
+// any strides, converting to the cache dtype. Slot -1 skips an entry. The Python wrapper
+// rejects out-of-range slots and indices before the call; here they are skipped, so a call
+// with check=False (CUDA graphs) never writes out of bounds.
+#include "../checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace etc_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWeightTile = 256;  // weights of one entry staged in shared memory at a time
+
+struct Strides4 {
+  int64_t s0, s1, s2, s3;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+struct WriteArgs {
+  int64_t batch, kv_heads, tokens, dim, entries;
+  int64_t block_size, num_slots;
+  Strides4 key, value, key_cache, value_cache;
+};
+
+// grid: (B * K, ceil(Hkv * D / kThreads)); thread (h, d) of entry (b, k) copies one element
+// of key and of value.
+template <typename src_t, typename dst_t>
+__global__ void __launch_bounds__(kThreads)
+    write_index_kernel(const src_t* __restrict__ key, const src_t* __restrict__ value,
+                       dst_t* __restrict__ key_cache, dst_t* __restrict__ value_cache,
+                       const int64_t* __restrict__ slots,  // [B, K] contiguous
+                       const int64_t* __restrict__ index,  // [B, K] contiguous
+                       WriteArgs a) {
+  const int64_t e = blockIdx.x;
+  const int64_t hd = int64_t(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t slot = slots[e], src = index[e];
+  if (hd >= a.kv_heads * a.dim || slot < 0 || slot >= a.num_slots || src < 0 ||
+      src >= a.tokens)
+    return;
+  const int64_t b = e / a.entries, h = hd / a.dim, d = hd % a.dim;
+  const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+  key_cache[block * a.key_cache.s0 + offset * a.key_cache.s1 + h * a.key_cache.s2 +
+            d * a.key_cache.s3] = static_cast<dst_t>(static_cast<at::opmath_type<src_t>>(
+      key[b * a.key.s0 + h * a.key.s1 + src * a.key.s2 + d * a.key.s3]));
+  value_cache[block * a.value_cache.s0 + offset * a.value_cache.s1 + h * a.value_cache.s2 +
+              d * a.value_cache.s3] = static_cast<dst_t>(static_cast<at::opmath_type<src_t>>(
+      value[b * a.value.s0 + h * a.value.s1 + src * a.value.s2 + d * a.value.s3]));
+}
+
+// grid: (B * K, ceil(Hkv * D / kThreads)); thread (h, d) of entry (b, k) accumulates
+// sum_n weights[b, k, n] * key[b, h, n, d] (and value) over tiles of weights in shared memory.
+template <typename src_t, typename dst_t>
+__global__ void __launch_bounds__(kThreads)
+    write_weights_kernel(const src_t* __restrict__ key, const src_t* __restrict__ value,
+                         dst_t* __restrict__ key_cache, dst_t* __restrict__ value_cache,
+                         const int64_t* __restrict__ slots,  // [B, K] contiguous
+                         const float* __restrict__ weights, Strides4 w_stride, WriteArgs a) {
+  using acc_t = at::opmath_type<src_t>;
+  __shared__ float w_tile[kWeightTile];
+  const int64_t e = blockIdx.x;
+  const int64_t slot = slots[e];
+  if (slot < 0 || slot >= a.num_slots) return;  // the whole block leaves together
+  const int64_t b = e / a.entries, k = e % a.entries;
+  const int64_t hd = int64_t(blockIdx.y) * kThreads + threadIdx.x;
+  const bool active = hd < a.kv_heads * a.dim;
+  const int64_t h = active ? hd / a.dim : 0, d = active ? hd % a.dim : 0;
+  const src_t* kp = key + b * a.key.s0 + h * a.key.s1 + d * a.key.s3;
+  const src_t* vp = value + b * a.value.s0 + h * a.value.s1 + d * a.value.s3;
+  const float* wp = weights + b * w_stride.s0 + k * w_stride.s1;
+  acc_t acc_k = 0, acc_v = 0;
+  for (int64_t n0 = 0; n0 < a.tokens; n0 += kWeightTile) {
+    const int64_t count = min(int64_t(kWeightTile), a.tokens - n0);
+    __syncthreads();  // the previous tile is fully read
+    if (threadIdx.x < count) w_tile[threadIdx.x] = wp[(n0 + threadIdx.x) * w_stride.s2];
+    __syncthreads();
+    if (!active) continue;
+    for (int64_t j = 0; j < count; ++j) {
+      const acc_t w = w_tile[j];
+      if (w == acc_t(0)) continue;  // the same for the whole block: no divergence
+      const int64_t n = n0 + j;
+      acc_k += w * static_cast<acc_t>(kp[n * a.key.s2]);
+      acc_v += w * static_cast<acc_t>(vp[n * a.value.s2]);
+    }
+  }
+  if (!active) return;
+  const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+  key_cache[block * a.key_cache.s0 + offset * a.key_cache.s1 + h * a.key_cache.s2 +
+            d * a.key_cache.s3] = static_cast<dst_t>(acc_k);
+  value_cache[block * a.value_cache.s0 + offset * a.value_cache.s1 + h * a.value_cache.s2 +
+              d * a.value_cache.s3] = static_cast<dst_t>(acc_v);
+}
+
+}  // namespace
+
+void write_compressed_kv_cuda(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
+                              at::Tensor& value_cache,  // [num_blocks, block_size, Hkv, D]
+                              const at::Tensor& key,    // [B, Hkv, N, D]
+                              const at::Tensor& value,  // [B, Hkv, N, D]
+                              const at::Tensor& slot_mapping,            // int64 [B, K]
+                              const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
+                              const std::optional<at::Tensor>& index) {  // int64 [B, K]
+  check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
+                                 index);
+  TORCH_INTERNAL_ASSERT(key.is_cuda());
+  const c10::cuda::CUDAGuard device_guard(key.device());
+  const at::Tensor slots = slot_mapping.contiguous();
+  const WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3),
+                       slot_mapping.size(1), key_cache.size(1),
+                       key_cache.size(0) * key_cache.size(1), strides_of(key),
+                       strides_of(value), strides_of(key_cache), strides_of(value_cache)};
+  const int64_t entries = args.batch * args.entries, elems = args.kv_heads * args.dim;
+  if (entries == 0 || elems == 0) return;
+  const dim3 grid(entries, (elems + kThreads - 1) / kThreads);
+  TORCH_CHECK(entries <= std::numeric_limits<int32_t>::max() && grid.y <= 65535,
+              "write_compressed_kv: too many entries or Hkv * D for one launch (B * K = ",
+              entries, ", Hkv * D = ", elems, ")");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
+                                  "write_compressed_kv_cuda", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
+                                    "write_compressed_kv_cuda_cache", [&] {
+      using dst_t = scalar_t;
+      if (index.has_value()) {
+        const at::Tensor idx = index->contiguous();
+        write_index_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
+            key.data_ptr<src_t>(), value.data_ptr<src_t>(), key_cache.data_ptr<dst_t>(),
+            value_cache.data_ptr<dst_t>(), slots.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
+            args);
+      } else {
+        const Strides4 w_stride{weights->stride(0), weights->stride(1), weights->stride(2), 0};
+        write_weights_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
+            key.data_ptr<src_t>(), value.data_ptr<src_t>(), key_cache.data_ptr<dst_t>(),
+            value_cache.data_ptr<dst_t>(), slots.data_ptr<int64_t>(),
+            weights->data_ptr<float>(), w_stride, args);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(etc_ext, CUDA, m) {
+  m.impl("write_compressed_kv", &write_compressed_kv_cuda);
+}
+
+}  // namespace etc_ext

@@ -1,0 +1,155 @@
+"""Compaction of every layer of a KV cache, keeping given positions per batch row.
+
+ETC keeps the prefix and the compression tokens of each image and drops its visual tokens
+from every layer's cache. These helpers do that for all layers with one validation and one
+`write_compressed_kv(index=...)` call per layer (no per-layer checks, no Python loop of
+index_select/gather calls):
+
+- :func:`compact_kv_layers` on a plain list of per-layer `(key, value)` tensors
+  `(B, Hkv, L, D)`, returns the compacted list `(B, Hkv, K, D)`;
+- :func:`compact_dynamic_cache` on a transformers `DynamicCache`, in place: every layer's
+  `keys` / `values` `(B, Hkv, L, D)` become `(B, Hkv, K, D)`.
+
+Positions are kept, not renumbered: the caller keeps passing the original position ids (or
+cache_position) for later tokens; `cache.get_seq_length()` becomes K.
+"""
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["compact_kv_layers", "compact_dynamic_cache"]
+
+_OP = "compact_kv"
+
+
+def _check_keep_index(keep_index, batch: int, lengths: Sequence[int], device, check: bool) -> None:
+    """keep_index: int64 [B, K] with 0 <= keep_index < L for every layer (one host sync)."""
+    if not isinstance(keep_index, torch.Tensor):
+        raise TypeError(f"{_OP}: keep_index must be a torch.Tensor [B, K], got {type(keep_index).__name__}")
+    if keep_index.dim() != 2 or keep_index.shape[0] != batch:
+        raise ValueError(f"{_OP}: keep_index must have shape [B, K] with B = {batch}, got {list(keep_index.shape)}")
+    if keep_index.dtype != torch.int64:
+        raise TypeError(f"{_OP}: keep_index must have dtype torch.int64, got {keep_index.dtype}")
+    if keep_index.device != device:
+        raise ValueError(f"{_OP}: keep_index must be on the device of the cache ({device}), got {keep_index.device}")
+    if check and keep_index.numel() > 0 and not torch.compiler.is_compiling():
+        shortest = min(lengths)
+        low, high = torch.stack([keep_index.min(), keep_index.max()]).tolist()
+        if low < 0 or high >= shortest:
+            raise ValueError(
+                f"{_OP}: keep_index must be in [0, L) = [0, {shortest}) (the cached length), "
+                f"got values in [{low}, {high}]"
+            )
+
+
+def _check_pairs(pairs: Sequence[tuple], what: str) -> None:
+    """Every layer: key and value 4-D [B, Hkv, L, D] of the same shape, dtype and device, and
+    the same B and device in all layers. Done once, before anything is written."""
+    first_key = pairs[0][0]
+    for i, (key, value) in enumerate(pairs):
+        name = f"{what}[{i}]"
+        if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must hold (key, value) tensors [B, Hkv, L, D]")
+        if key.dim() != 4 or value.shape != key.shape:
+            raise ValueError(
+                f"{_OP}: {name} key and value must be [B, Hkv, L, D] of one shape, got "
+                f"{list(key.shape)} and {list(value.shape)}"
+            )
+        if value.dtype != key.dtype:
+            raise TypeError(f"{_OP}: {name} value dtype {value.dtype} differs from key dtype {key.dtype}")
+        if key.shape[0] != first_key.shape[0]:
+            raise ValueError(f"{_OP}: {name} has batch size {key.shape[0]}, layer 0 has {first_key.shape[0]}")
+        if key.device != first_key.device or value.device != key.device:
+            raise ValueError(
+                f"{_OP}: {name} is on {key.device}/{value.device}, layer 0 on {first_key.device}: "
+                "all layers must share one device"
+            )
+
+
+def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor) -> list:
+    """The per-layer loop, after validation: one op call per layer, no checks."""
+    batch, kept = keep_index.shape
+    # The new (B, Hkv, K, D) tensor seen as a paged cache (B, K, Hkv, D): slot = b * K + k.
+    slots = torch.arange(batch * kept, device=keep_index.device).view(batch, kept)
+    write = torch.ops.etc_ext.write_compressed_kv.default
+    out = []
+    for key, value in pairs:
+        b, heads, _, dim = key.shape
+        new_key = key.new_empty((b, heads, kept, dim))
+        new_value = value.new_empty((b, heads, kept, dim))
+        write(new_key.transpose(1, 2), new_value.transpose(1, 2), key, value, slots, index=keep_index)
+        out.append((new_key, new_value))
+    return out
+
+
+def compact_kv_layers(
+    layers: Sequence[tuple],
+    keep_index: torch.Tensor,
+    *,
+    check: bool = True,
+) -> list:
+    """Keep positions `keep_index` of every layer of a KV cache given as a list.
+
+    Args:
+        layers: per layer `(key, value)`, each `(B, Hkv, L, D)` (any strides; all layers on
+            one device and with the same B; Hkv, D, L and dtype may differ per layer).
+        keep_index: int64 `(B, K)`: row b keeps positions keep_index[b, 0..K-1], in that
+            order (e.g. the prefix and compression tokens, without the visual tokens).
+        check: validate keep_index against the shortest layer first (one host sync).
+
+    Returns:
+        list of `(key, value)` `(B, Hkv, K, D)`, new contiguous tensors.
+    """
+    layers = list(layers)
+    if not layers:
+        return []
+    _check_pairs(layers, "layers")
+    key0 = layers[0][0]
+    _check_keep_index(keep_index, key0.shape[0], [k.shape[2] for k, _ in layers], key0.device, check)
+    return _compact_pairs(layers, keep_index)
+
+
+def compact_dynamic_cache(
+    cache,
+    keep_index: torch.Tensor,
+    *,
+    check: bool = True,
+) -> None:
+    """Keep positions `keep_index` in every layer of a transformers DynamicCache, in place.
+
+    Args:
+        cache: a `transformers.DynamicCache` whose layers are `DynamicLayer`s
+            (`cache.layers[i].keys` / `.values` `(B, Hkv, L, D)`). Layers not yet initialized
+            (e.g. KV-sharing consumers) are left alone. Sliding-window and other layer types
+            raise TypeError: their stored positions are not the positions of keep_index.
+        keep_index: int64 `(B, K)` on the cache's device: row b keeps positions
+            keep_index[b, :], in that order.
+        check: validate keep_index first (one host sync); nothing is changed if it fails.
+
+    Afterwards every initialized layer holds `(B, Hkv, K, D)` and `cache.get_seq_length()`
+    is K. Positions are not renumbered.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"{_OP}: expected a transformers DynamicCache, got {type(cache).__name__}")
+    live = []
+    for i, layer in enumerate(layers):
+        if type(layer) is not DynamicLayer:
+            raise TypeError(
+                f"{_OP}: cache.layers[{i}] is a {type(layer).__name__}; compact_dynamic_cache supports "
+                "DynamicLayer only (sliding-window layers do not store every position)"
+            )
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            live.append(i)
+    if not live:
+        return
+    pairs = [(layers[i].keys, layers[i].values) for i in live]
+    _check_pairs(pairs, "cache.layers")
+    key0 = pairs[0][0]
+    _check_keep_index(keep_index, key0.shape[0], [k.shape[2] for k, _ in pairs], key0.device, check)
+    for i, (new_key, new_value) in zip(live, _compact_pairs(pairs, keep_index)):
+        layers[i].keys = new_key
+        layers[i].values = new_value

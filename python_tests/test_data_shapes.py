@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import random
 import re
 import time
 from collections import Counter
@@ -40,6 +41,12 @@ def _expected_answer(question, scene):
         return by_cell[(int(m[1]), ord(m[2]) - ord("a"))]["color"]
     if m := re.search(r"(?:What shape is|Which shape is drawn) in row (\d+), column ([a-z])\?", question):
         return by_cell[(int(m[1]), ord(m[2]) - ord("a"))]["shape"]
+    if m := re.search(r"(?:Where is|In which cell is) the (\w+) shape\?", question):  # named by color alone
+        matches = [o for o in objects if o["color"] == m[1]]
+        assert len(matches) == 1, f"ambiguous where-question {question!r}"
+        return "abcdefgh"[matches[0]["col"]] + str(matches[0]["row"] + 1)
+    if m := re.search(r"Is there an? (\w+) shape(?: in the image)?\?", question):
+        return "yes" if any(o["color"] == m[1] for o in objects) else "no"
     if m := re.search(r"(?:Where is|In which cell is) the (\w+) (\w+)\?", question):
         matches = [o for o in objects if (o["color"], o["shape"]) == (m[1], m[2])]
         assert len(matches) == 1, f"ambiguous where-question {question!r}"
@@ -126,6 +133,28 @@ def test_answers_match_scene_metadata(train_dir):
             assert answer == _expected_answer(question, scenes[sample["image"]]), (sample["id"], question)
         seen_types.update(sample["question_types"])
     assert set(seen_types) == set(shapes.QUESTION_TYPES)
+
+
+def test_color_question_types(tmp_path):
+    """The color-only types (the demo's) answer from the scene, never mention a shape name and balance answers."""
+    path = shapes.generate_shapes_dataset(tmp_path, 150, seed=3, split="val", grid_sizes=(3,),
+                                          question_types=shapes.COLOR_QUESTION_TYPES, questions_per_image=4,
+                                          multi_turn=True, answer_prompt=None, progress=False)  # fmt: skip
+    with open(path) as f:
+        samples = json.load(f)
+    with open(tmp_path / "val_scenes.json") as f:
+        scenes = {scene["image"]: scene for scene in json.load(f)["scenes"]}
+    answers = {t: Counter() for t in shapes.COLOR_QUESTION_TYPES}
+    for sample in samples:
+        for question_type, (question, answer) in zip(sample["question_types"], _question_answer_pairs(sample)):
+            assert answer == _expected_answer(question, scenes[sample["image"]]), (sample["id"], question)
+            assert not any(name in question for name in shapes.SHAPES)
+            answers[question_type][answer] += 1
+    assert set(answers["exists_color"]) == {"yes", "no"}
+    assert abs(answers["exists_color"]["yes"] - answers["exists_color"]["no"]) <= 0.05 * sum(answers["exists_color"].values())
+    assert len(answers["where_color"]) == 9 and len(answers["color"]) == len(shapes.COLORS)
+    with pytest.raises(ValueError, match="question type"):
+        shapes.candidate_questions(shapes.sample_scene(random.Random(0), 3), "size")
 
 
 def test_pixels_match_scene_metadata(train_dir):

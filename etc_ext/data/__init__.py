@@ -32,6 +32,7 @@ _EXPORTS = {
     "build_tokenizer": "processor",
     "num_image_tokens": "processor",
     "DEFAULT_IMAGE_SIZE": "shapes",
+    "COLOR_QUESTION_TYPES": "shapes",
     "QUESTION_TYPES": "shapes",
     "generate_shapes_dataset": "shapes",
 }

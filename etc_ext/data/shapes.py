@@ -12,6 +12,10 @@ shape), and every answer is a single lower-case word:
 | `count`  | How many red shapes are there?                    | zero, one, two, three, four    |
 | `exists` | Is there a green cross?                           | yes, no                        |
 
+Four more types name objects by color only, for models too small to tell shapes apart (the demo's tiny LLaVA):
+`where_color` ("Where is the blue shape?", asked only when one object has that color), `count_color` ("How many red
+shapes are there?"), `exists_color` ("Is there a green shape?"); with `color` they form `COLOR_QUESTION_TYPES`.
+
 Rows are numbered from 1 at the top, columns are lettered from `a` at the left, and a cell is named by its column
 then its row (`c2` is column c, row 2), as on a chess board read from the top.
 
@@ -62,6 +66,8 @@ NUMBER_WORDS = (
 )  # fmt: skip
 MAX_COUNT_ANSWER = 4  # count questions are asked only when the answer is zero..four, so the answers stay balanced
 QUESTION_TYPES = ("color", "shape", "where", "count", "exists")
+COLOR_QUESTION_TYPES = ("color", "where_color", "count_color", "exists_color")  # answerable without telling shapes apart
+ALL_QUESTION_TYPES = QUESTION_TYPES + COLOR_QUESTION_TYPES[1:]
 DEFAULT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 BACKGROUND = (255, 255, 255)
 GRID_LINE = (200, 200, 200)
@@ -89,6 +95,8 @@ QUESTION_TEMPLATES = {
     "count_color": ("How many {color} shapes are there?", "How many shapes are {color}?"),
     "count_shape": ("How many {shapes} are there?", "How many {shapes} can you see?"),
     "exists": ("Is there a {color} {shape}?", "Is there a {color} {shape} in the image?"),
+    "where_color": ("Where is the {color} shape?", "In which cell is the {color} shape?"),
+    "exists_color": ("Is there a {color} shape?", "Is there a {color} shape in the image?"),
 }
 
 
@@ -222,10 +230,17 @@ def draw_scene(scene: Scene) -> Image.Image:
 
 def candidate_questions(scene: Scene, question_type: str) -> list[tuple[str, dict, str]]:
     """All questions of one type that a scene can answer, as `(template_key, fields, answer)`."""
-    if question_type not in QUESTION_TYPES:
-        raise ValueError(f"unknown question type {question_type!r}, expected one of {QUESTION_TYPES}")
+    if question_type not in ALL_QUESTION_TYPES:
+        raise ValueError(f"unknown question type {question_type!r}, expected one of {ALL_QUESTION_TYPES}")
     objects = scene.objects
     candidates = []
+    colors = Counter(o.color for o in objects)
+    if question_type == "where_color":
+        return [("where_color", {"color": o.color}, cell_name(o.row, o.col)) for o in objects if colors[o.color] == 1]
+    if question_type == "count_color":
+        return [("count_color", {"color": color}, NUMBER_WORDS[colors[color]]) for color in COLORS]
+    if question_type == "exists_color":
+        return [("exists_color", {"color": color}, "yes" if colors[color] else "no") for color in COLORS]
     if question_type in ("color", "shape"):
         for o in objects:
             fields = {"row": o.row + 1, "col": column_letter(o.col)}
@@ -259,7 +274,7 @@ def pick_balanced_question(
     `answer_counts`. None if the scene allows no such question (e.g. `where` when every (color, shape) appears twice).
     """
     candidates = candidate_questions(scene, question_type)
-    if question_type == "count":
+    if question_type in ("count", "count_color"):
         candidates = [c for c in candidates if NUMBER_WORDS.index(c[2]) <= MAX_COUNT_ANSWER]
     if not candidates:
         return None
@@ -318,9 +333,9 @@ def generate_shapes_dataset(
         raise ValueError(f"unknown split {split!r}, expected one of {tuple(SPLIT_BUCKETS)}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    unknown = set(question_types) - set(QUESTION_TYPES)
+    unknown = set(question_types) - set(ALL_QUESTION_TYPES)
     if unknown or not question_types:
-        raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types}")
+        raise ValueError(f"question_types must be a non-empty subset of {ALL_QUESTION_TYPES}, got {question_types}")
     if not 1 <= questions_per_image <= len(question_types):
         raise ValueError(f"questions_per_image must be in [1, {len(question_types)}], got {questions_per_image}")
     if not grid_sizes or any(g < 2 or g > 26 for g in grid_sizes):
@@ -433,7 +448,7 @@ def shapes_vocabulary(grid_sizes: tuple[int, ...] = (3, 4, 5, 6)) -> list[str]:
                 texts += [template.format(row=r + 1, col=column_letter(c)) for r, c in cells]
             elif key in ("where", "exists"):
                 texts += [template.format(color=color, shape=shape) for color in COLORS for shape in SHAPES]
-            elif key == "count_color":
+            elif key in ("count_color", "where_color", "exists_color"):
                 texts += [template.format(color=color) for color in COLORS]
             else:
                 texts += [template.format(shapes=SHAPE_PLURALS[shape]) for shape in SHAPES]

@@ -33,8 +33,10 @@ $(VENV)/.built: $(VENV)/.deps-installed setup.py $(shell find csrc -type f 2>/de
 
 install: $(VENV)/.built
 
+# The offline demo: ETC vs the full model and training-free compressors on the shipped tiny LLaVA
+# (table on stdout; plot and json under outputs/demo). Minutes on a CPU, nothing downloaded.
 demo: install
-	$(PY) examples/ops_example.py
+	$(VENV)/bin/etc-ext demo --output outputs/demo --json outputs/demo/demo.json
 
 test: install
 	$(PY) -m pytest python_tests -q -p no:cacheprovider

@@ -164,17 +164,26 @@ def test_training_data_blocks_and_questions(tmp_path):
     path = generate_training_data(tmp_path, ((3, 1, 1), (4, 2, 3)), name="cur", question_types=recipe.QUESTION_TYPES)
     with open(path) as f:
         samples = json.load(f)
-    assert [s["block"] for s in samples] == [0, 0, 0, 1, 1, 1, 1]
-    assert all(s["num_objects"] == 1 for s in samples[:3]) and all(2 <= s["num_objects"] <= 3 for s in samples[3:])
+    images = sorted({s["image"] for s in samples})
+    assert len(images) == 7
+    blocks = {s["image"]: s["block"] for s in samples}
+    assert [blocks[image] for image in images] == [0, 0, 0, 1, 1, 1, 1]
+    assert [s["block"] for s in samples] == sorted(s["block"] for s in samples)  # in block order
     for s in samples:
+        assert (s["num_objects"] == 1) if s["block"] == 0 else (2 <= s["num_objects"] <= 3)
         turns = s["conversations"]
         assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
         types = s["question_types"]
-        assert len(turns) == 2 * len(types)
-        # every_object: a color and a shape question about every object
-        assert types.count("color") == types.count("shape") == s["num_objects"]
+        assert len(turns) == 2 * len(types) and set(types) <= set(recipe.QUESTION_TYPES)
+        # leak-free: cell questions share a conversation, every other question is alone
+        assert len(types) == 1 or set(types) == {"color"}
         assert os.path.isfile(tmp_path / s["image"])
-    one_object_counts = [t["value"] for s in samples[:3] for q, t in zip(s["conversations"][::2], s["conversations"][1::2])
+    for image in images:
+        of_image = [s for s in samples if s["image"] == image]
+        # every_object: a color question about every object (the recipe asks no shape questions)
+        assert sum(s["question_types"].count("color") for s in of_image) == of_image[0]["num_objects"]
+    one_object_counts = [t["value"] for s in samples if s["block"] == 0
+                         for q, t in zip(s["conversations"][::2], s["conversations"][1::2])
                          if "How many" in q["value"]]  # fmt: skip
     assert one_object_counts and set(one_object_counts) <= {"zero", "one"}
     with pytest.raises(ValueError, match="block"):

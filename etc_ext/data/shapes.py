@@ -304,6 +304,8 @@ def generate_shapes_dataset(
     multi_turn: bool = False,
     question_types: tuple[str, ...] = QUESTION_TYPES,
     answer_prompt: str | None = DEFAULT_ANSWER_PROMPT,
+    min_objects: int = 2,
+    max_objects: int | None = None,
     progress: bool = True,
 ) -> str:
     """Generates `num_images` scenes of one split and writes their images, questions and metadata under `out_dir`.
@@ -323,6 +325,7 @@ def generate_shapes_dataset(
         question_types: subset of `QUESTION_TYPES` to ask.
         answer_prompt: appended to every question on its own line (LLaVA-1.5's short-answer prompt by default);
             None for bare questions.
+        min_objects, max_objects: objects per image, drawn uniformly (default 2 to `2 * grid_size`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -364,7 +367,7 @@ def generate_shapes_dataset(
                 f"found only {len(scenes)} distinct {split} scenes in {max_draws} draws: the scene space of grids "
                 f"{grid_sizes} is too small for num_images={num_images}"
             )
-        scene = sample_scene(rng, rng.choice(grid_sizes), image_size)
+        scene = sample_scene(rng, rng.choice(grid_sizes), image_size, min_objects, max_objects)
         key = scene.key()
         if key in seen_keys or scene_split(scene) != split:
             continue
@@ -426,6 +429,8 @@ def generate_shapes_dataset(
         "multi_turn": multi_turn,
         "question_types": list(question_types),
         "answer_prompt": answer_prompt,
+        "min_objects": min_objects,
+        "max_objects": max_objects,
     }
     with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as f:
         json.dump({"params": params, "scenes": scenes}, f)

@@ -1,18 +1,16 @@
 """Training data of the demo: shapes scenes with a chosen number of objects, and the curriculum built from them.
 
-Why a curriculum. A tiny LLaVA trained from random weights on `etc_ext.data.shapes` scenes (2 to 6 objects) stays at
-the answer prior for thousands of steps: every question needs the instruction to select part of the image (which
-cell, which color), an attention pattern that gradient descent finds late when everything else is random too. Scenes
-with a single object make every question answerable from the image alone, which the model learns in a few hundred
-steps (color, shape and place of what it sees); scenes with exactly two objects then make selection pay off at once
-(the right of two answers), and more objects follow. Measured on the validation split while building the demo: with
-two-object scenes the model learned to pick the asked cell's color in a few hundred steps; trained on 2 to 6 objects
-from the start it had not after 700 (`etc_ext.demo.recipe` has the numbers of the shipped run).
+Why a curriculum. A tiny LLaVA trained from random weights learns first what needs no selection: in one-object
+scenes every question is about the one object (its color, its cell, whether it has the asked color), and the model
+learns those in a few hundred steps; picking one of several objects by the question's words comes later and slower
+(`etc_ext.demo.recipe` has the numbers measured while building the demo). So the full-token model sees one-object
+scenes first, then the task's mix.
 
 The samples are written as `generate_shapes_dataset` writes them (LLaVA conversation json, the same question
-templates, `question_types` per turn) with two differences that make training cheaper: a sample is one image with
-many turns (one question of each type, and with `every_object` a color and a shape question about every object), so
-the 144 visual tokens are paid once for up to 16 questions; and only scenes of the `train` split (by
+templates, `question_types` per turn) with two differences: an image gets one question of each type and, with
+`every_object`, a color (and shape) question about every object, split into several samples by `leak_free_groups`
+(the cell questions share one multi-turn sample, so the 144 visual tokens are paid once for them; no answer in a
+conversation gives away a later question of it); and only scenes of the `train` split (by
 `etc_ext.data.shapes.scene_split`) are drawn, so no validation or test scene is ever trained on. A scene's objects may
 repeat across samples (drawn with other sizes and offsets): one-object scenes on a 3x3 grid are only 216.
 """
@@ -58,6 +56,18 @@ def scene_questions(
     return questions
 
 
+def leak_free_groups(questions: list[Question]) -> list[list[Question]]:
+    """Splits one image's questions into the conversations of its samples so that no earlier answer gives a later
+    question away: the questions about what is in a named cell (`color`, `shape`) share one multi-turn sample (each
+    names another cell, or asks another attribute), and every other question is a sample of its own. (In one
+    conversation, "What color is the shape in row 1, column a? red" would answer a later "Is there a red shape?",
+    "How many red shapes are there?" and "Where is the red shape?" from the text alone: trained that way, the demo's
+    model learned those three types on the training conversations and stayed at chance on single questions.)"""
+    by_cell = [q for q in questions if q.type in ("color", "shape")]
+    groups = [[q] for q in questions if q.type not in ("color", "shape")]
+    return ([by_cell] if by_cell else []) + groups
+
+
 def generate_training_data(
     out_dir: str | os.PathLike,
     blocks: tuple[tuple[int, int, int], ...],
@@ -70,7 +80,8 @@ def generate_training_data(
     every_object: bool = True,
     answer_prompt: str | None = None,
 ) -> str:
-    """Writes multi-turn training samples to `<out_dir>/<name>.json` (images under `<out_dir>/images/<name>/`).
+    """Writes training samples to `<out_dir>/<name>.json` (images under `<out_dir>/images/<name>/`): per image, its
+    questions (`scene_questions`) split into conversations by `leak_free_groups`.
 
     Args:
         blocks: `(num_images, min_objects, max_objects)` per block; the file holds the blocks in this order (a
@@ -92,7 +103,7 @@ def generate_training_data(
     rng = random.Random(int.from_bytes(digest[:8], "little"))
     os.makedirs(os.path.join(out_dir, "images", name), exist_ok=True)
     answer_counts = {t: Counter() for t in question_types}
-    samples = []
+    samples, image_count = [], 0
     for block, (num_images, low, high) in enumerate(blocks):
         made, draws = 0, 0
         while made < num_images:
@@ -105,17 +116,18 @@ def generate_training_data(
             questions = scene_questions(rng, scene, question_types, answer_counts, every_object)
             if not questions:
                 continue
-            index = len(samples)
-            image_path = f"images/{name}/{index:06d}.png"
+            image_path = f"images/{name}/{image_count:06d}.png"
             draw_scene(scene).save(os.path.join(out_dir, image_path))
-            conversations = []
-            for turn, question in enumerate(questions):
-                text = question.text if not answer_prompt else f"{question.text}\n{answer_prompt}"
-                conversations.append({"from": "human", "value": f"<image>\n{text}" if turn == 0 else text})
-                conversations.append({"from": "gpt", "value": question.answer})
-            samples.append({"id": f"shapes-{name}-{index:06d}", "image": image_path, "conversations": conversations,
-                            "question_types": [q.type for q in questions], "num_objects": len(scene.objects),
-                            "block": block})  # fmt: skip
+            for group, turns in enumerate(leak_free_groups(questions)):
+                conversations = []
+                for turn, question in enumerate(turns):
+                    text = question.text if not answer_prompt else f"{question.text}\n{answer_prompt}"
+                    conversations.append({"from": "human", "value": f"<image>\n{text}" if turn == 0 else text})
+                    conversations.append({"from": "gpt", "value": question.answer})
+                samples.append({"id": f"shapes-{name}-{image_count:06d}-{group}", "image": image_path,
+                                "conversations": conversations, "question_types": [q.type for q in turns],
+                                "num_objects": len(scene.objects), "block": block})  # fmt: skip
+            image_count += 1
             made += 1
     json_path = os.path.join(out_dir, f"{name}.json")
     with open(json_path, "w") as f:

@@ -80,9 +80,7 @@ def generate_test_data(out_dir: str, num_images: int) -> str:
     if os.path.isfile(json_path) and os.path.isfile(params_path):
         with open(params_path) as f:
             params = json.load(f)["params"]
-        wanted = {"num_images": num_images, "seed": kwargs["seed"], "grid_sizes": list(kwargs["grid_sizes"]),
-                  "question_types": list(kwargs["question_types"]),
-                  "questions_per_image": kwargs["questions_per_image"]}  # fmt: skip
+        wanted = json.loads(json.dumps({**kwargs, "num_images": num_images}))
         if all(params.get(k) == v for k, v in wanted.items()):
             return json_path
     return generate_shapes_dataset(out_dir, num_images, progress=False, **kwargs)

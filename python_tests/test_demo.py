@@ -209,10 +209,10 @@ def test_reproduce_trains_and_packs_one_step_runs(tmp_path):
     from etc_ext.demo.reproduce import final_dir, main as reproduce_main
 
     work = tmp_path / "work"
-    argv = ["--work", str(work), "--runs", "full", "etc-m1-vid", "--max-steps", "1", "--data-scale", "0.0005",
+    argv = ["--work", str(work), "--runs", "full-base", "full", "etc-m1-vid", "--max-steps", "1", "--data-scale", "0.0005",
             "--num-val-images", "2", "--no-progress"]  # fmt: skip
     assert reproduce_main(argv) == 0
-    for name in ("full", "etc-m1-vid"):
+    for name in ("full-base", "full", "etc-m1-vid"):
         with open(work / "runs" / name / "final" / "training_info.json") as f:
             info = json.load(f)
         assert info["global_step"] == 1
@@ -223,13 +223,19 @@ def test_reproduce_trains_and_packs_one_step_runs(tmp_path):
     expected_blocks = [max(1, round(n * 0.0005)) for n, _, _ in recipe.CURRICULUM_BLOCKS]
     assert [sum(s["block"] == b for s in curriculum) for b in range(len(expected_blocks))] == expected_blocks
     assert [s["block"] for s in curriculum] == sorted(s["block"] for s in curriculum)  # in curriculum order
-    with open(work / "runs" / "full" / "train_args.json") as f:
+    with open(work / "runs" / "full-base" / "train_args.json") as f:
         args = json.load(f)
     assert args["model"] == str(work / "init") and args["data"].endswith("curriculum.json") and not args["shuffle"]
+    # the shipped full model and every ETC variant: the same start, data and schedule
+    with open(work / "runs" / "full" / "train_args.json") as f:
+        full_args = json.load(f)
     with open(work / "runs" / "etc-m1-vid" / "train_args.json") as f:
         args = json.load(f)
-    assert args["model"] == str(work / "runs" / "full" / "final") and json.loads(args["etc_config"])["loss"] == "vid"
-    assert args["data"].endswith("train.json") and args["train_vision_tower"] is False
+    assert args["model"] == full_args["model"] == str(work / "runs" / "full-base" / "final")
+    assert json.loads(args["etc_config"])["loss"] == "vid" and full_args["etc_config"] is None
+    assert args["data"] == full_args["data"] and args["data"].endswith("train.json")
+    assert args["train_vision_tower"] is full_args["train_vision_tower"] is False
+    assert args["learning_rate"] == full_args["learning_rate"] and args["max_steps"] == full_args["max_steps"]
     assert not os.path.exists(work / "data" / "test.json")  # the test split is never made by the reproduce script
 
     dest = tmp_path / "packed"

@@ -145,6 +145,39 @@ def test_kv_compaction_32_layers(benchmark, impl):
         benchmark(fn, layers, keep)
 
 
+@pytest.mark.parametrize("impl", sorted(AGGREGATE_IMPLS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rows", [1, 16])
+def test_weighted_aggregate_backward(benchmark, impl, dtype, rows):
+    x, logits = aggregate_inputs(8, rows, dtype)
+    x.requires_grad_(True)
+    logits.requires_grad_(True)
+    grad = torch.randn(8, rows, HIDDEN).to(dtype)
+    fn = AGGREGATE_IMPLS[impl]
+
+    def step():
+        x.grad = logits.grad = None
+        fn(x, logits).backward(grad)
+
+    step()  # warm-up (and compilation)
+    benchmark.group = f"weighted_aggregate fwd+bwd {str(dtype)[6:]} x=(8, {TOKENS}, {HIDDEN}) K={rows}"
+    benchmark(step)
+
+
+@pytest.mark.parametrize("impl", ["eager", "ours"])
+def test_write_compressed_kv_weights_32_layers(benchmark, impl):
+    inputs = [merge_inputs(seed=layer) for layer in range(LAYERS)]
+    fn = {"ours": merge_write_ours, "eager": merge_write_eager}[impl]
+    with torch.inference_mode():
+        expected = merge_inputs(seed=0)
+        merge_write_eager(*expected)
+        fn(*inputs[0])
+        for got, want in zip(inputs[0][:2], expected[:2]):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        benchmark.group = f"write_compressed_kv weights form, {LAYERS} layers, K=16"
+        benchmark(lambda: [fn(*args) for args in inputs])
+
+
 # ------------------------------------------------------------------ table
 def _time_ms(fn, min_run_time: float, repeats: int) -> float:
     """Best of `repeats` blocked_autorange medians, in ms: the machine is shared and noisy,
@@ -222,7 +255,103 @@ def run_table(quick: bool, device: str = "cpu") -> list:
                 threads=threads,
             )
         )
+    rows_out += aggregate_backward_rows(quick, device, min_run_time, repeats)
+    rows_out.append(merge_write_row(device, min_run_time, repeats))
     return rows_out
+
+
+def aggregate_backward_rows(quick: bool, device: str, min_run_time: float, repeats: int) -> list:
+    """weighted_aggregate forward + backward (gradients of x and logits) at B=8 (B=1 with quick), K in {1, 16}."""
+    rows_out = []
+    batch = 1 if quick else 8
+    for dtype in DTYPES:
+        for rows in (1, 16):
+            x, logits = aggregate_inputs(batch, rows, dtype, device=device)
+            x.requires_grad_(True)
+            logits.requires_grad_(True)
+            grad = torch.randn(batch, rows, HIDDEN, device=device).to(dtype)
+            times = {}
+            for name, fn in AGGREGATE_IMPLS.items():
+
+                def step(fn=fn):
+                    x.grad = logits.grad = None
+                    fn(x, logits).backward(grad)
+
+                step()  # warm-up (compilation)
+                times[name] = _time_ms(step, min_run_time, repeats)
+            rows_out.append(
+                dict(
+                    op="weighted_aggregate",
+                    shape=f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows} fwd+bwd",
+                    case=f"B={batch} K={rows} fwd+bwd",
+                    device=str(device),
+                    dtype=str(dtype).replace("torch.", ""),
+                    ours_ms=times["ours"],
+                    eager_ms=times["eager"],
+                    compile_ms=times["compile"],
+                    ratio_eager=times["eager"] / times["ours"],
+                    ratio_compile=times["compile"] / times["ours"],
+                    ours_gbps=3 * x.numel() * x.element_size() / (times["ours"] * 1e-3) / 1e9,  # x read twice, dx written
+                    threads=torch.get_num_threads(),
+                )
+            )
+    return rows_out
+
+
+def merge_inputs(device="cpu", rows=16, seed=0):
+    """One layer of LLaVA-1.5-7B keys/values (1, 32, 650, 128) bf16, a cache of the same layout, and the weights of
+    a merging compressor: K rows of softmax weights over the 576 visual positions, written after the 35 prefix slots."""
+    gen = torch.Generator().manual_seed(seed)
+    length = PREFIX + VISUAL + COMPRESSION + TEXT
+    key = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device)
+    value = torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=gen).to(KV_DTYPE).to(device)
+    weights = torch.randn(1, rows, VISUAL, generator=gen).softmax(-1).to(device)
+    slots = (PREFIX + torch.arange(rows))[None].to(device)
+    cache_k = torch.zeros(1, KV_HEADS, PREFIX + rows + TEXT, HEAD_DIM, dtype=KV_DTYPE, device=device)
+    cache_v = torch.zeros_like(cache_k)
+    visual = slice(PREFIX, PREFIX + VISUAL)
+    return cache_k, cache_v, key[:, :, visual], value[:, :, visual], weights, slots
+
+
+def merge_write_ours(cache_k, cache_v, key, value, weights, slots):
+    # HF layout (B, Hkv, L, D) seen as a paged cache of one block per row: transpose(1, 2)
+    ops.write_compressed_kv(cache_k.transpose(1, 2), cache_v.transpose(1, 2), key, value, slots, weights=weights)
+
+
+def merge_write_eager(cache_k, cache_v, key, value, weights, slots):
+    """The PyTorch path: merge in fp32 (einsum), cast, copy into the cache positions."""
+    positions = slots[0]
+    for cache, source in ((cache_k, key), (cache_v, value)):
+        merged = torch.einsum("bkn,bhnd->bhkd", weights, source.float()).to(cache.dtype)
+        cache.index_copy_(2, positions, merged)
+
+
+def merge_write_row(device: str, min_run_time: float, repeats: int) -> dict:
+    """write_compressed_kv in its weights form (merging compressors) for 32 layers, K=16, vs the einsum + copy loop."""
+    inputs = [merge_inputs(device, seed=layer) for layer in range(LAYERS)]
+    _compiled = torch.compile(merge_write_eager, dynamic=False)
+    with torch.inference_mode():
+        for args in inputs:
+            _compiled(*args)
+        ours = _time_ms(lambda: [merge_write_ours(*args) for args in inputs], min_run_time, repeats)
+        eager = _time_ms(lambda: [merge_write_eager(*args) for args in inputs], min_run_time, repeats)
+        comp = _time_ms(lambda: [_compiled(*args) for args in inputs], min_run_time, repeats)
+    key = inputs[0][2]
+    moved = LAYERS * 2 * key.numel() * key.element_size()  # the visual keys and values read once
+    return dict(
+        op="write_compressed_kv",
+        shape=f"{LAYERS}L (1, {KV_HEADS}, {VISUAL}, {HEAD_DIM}) -> K=16",
+        case=f"{LAYERS}L weights K=16",
+        device=str(device),
+        dtype=str(KV_DTYPE).replace("torch.", ""),
+        ours_ms=ours,
+        eager_ms=eager,
+        compile_ms=comp,
+        ratio_eager=eager / ours,
+        ratio_compile=comp / ours,
+        ours_gbps=moved / (ours * 1e-3) / 1e9,
+        threads=torch.get_num_threads(),
+    )
 
 
 def format_table(rows: list) -> str:

@@ -46,7 +46,37 @@ def score_rows(device, quick, with_memory):
             row["ours_extra_bytes"] = peak_extra_memory_bytes("bench_cross_attn_scores", "memory_ours", shape, device)
             row["eager_extra_bytes"] = peak_extra_memory_bytes("bench_cross_attn_scores", "memory_eager", shape, device)
         rows.append(row)
+    for name, *shape in shapes:
+        rows.append(score_backward_row(name, shape, device, quick))
     return rows
+
+
+def score_backward_row(name, shape, device, quick):
+    """Forward + backward (gradients of q and k from a random upstream gradient) of each path; no floor column."""
+    import bench_cross_attn_scores as bcs
+
+    q, k = score_inputs(*shape, device=device, requires_grad=True)
+    grad = torch.randn(shape[0], shape[4], device=device)
+    times = {}
+    for path in ("ours", "eager", "compile"):
+        fn = bcs.PATHS[path]
+
+        def step(fn=fn):
+            q.grad = k.grad = None
+            fn(q, k).backward(grad)
+
+        step()  # warm-up (compilation)
+        times[path] = time_ms(step, 0.3 if quick else 1.0)
+    return {
+        "op": "cross_attn_scores",
+        "case": name + " fwd+bwd",
+        "shape": "B={} H={} Hkv={} T={} N={} D={}".format(*shape),
+        "dtype": "float32",
+        "ours_ms": times["ours"],
+        "eager_ms": times["eager"],
+        "compile_ms": times["compile"],
+        "floor_ms": None,
+    }
 
 
 def other_op_rows(device, quick):
@@ -71,13 +101,13 @@ def fmt_bytes(n):
 
 
 def print_table(rows):
-    header = f"{'op':<20}{'case':<18}{'dtype':<10}{'ours ms':>10}{'eager ms':>10}{'compile ms':>11}{'floor ms':>10}{'x eager':>9}{'x compile':>10}{'ours mem':>11}{'eager mem':>11}"
+    header = f"{'op':<20}{'case':<26}{'dtype':<10}{'ours ms':>10}{'eager ms':>10}{'compile ms':>11}{'floor ms':>10}{'x eager':>9}{'x compile':>10}{'ours mem':>11}{'eager mem':>11}"
     print(header)
     print("-" * len(header))
     for r in rows:
         floor = r.get("floor_ms")
         print(
-            f"{r['op']:<20}{r['case']:<18}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['eager_ms']:>10.2f}"
+            f"{r['op']:<20}{r['case']:<26}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['eager_ms']:>10.2f}"
             f"{r['compile_ms']:>11.2f}{floor if floor is not None else float('nan'):>10.2f}"
             f"{r['eager_ms'] / r['ours_ms']:>9.2f}{r['compile_ms'] / r['ours_ms']:>10.2f}"
             f"{fmt_bytes(r.get('ours_extra_bytes')):>11}{fmt_bytes(r.get('eager_extra_bytes')):>11}"

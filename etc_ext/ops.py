@@ -125,13 +125,31 @@ def _cross_attn_scores_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_mask, kv_mask, q_pos)
 
 
+def _grouped_probs(q_g, k_blk, scale, kv_mask, q_pos_g):
+    """Attention probabilities of grouped queries `q_g (B, jb, G*T, D)` on their kv head's keys `k_blk (B, jb, N, D)`,
+    in the dtype of the inputs; rows with no visible key are zeros (as in `reference.cross_attn_probs`)."""
+    logits = torch.matmul(q_g, k_blk.transpose(-1, -2)) * scale  # (B, jb, G*T, N)
+    if kv_mask is None and q_pos_g is None:
+        return torch.softmax(logits, dim=-1)
+    num_keys = k_blk.shape[2]
+    visible = torch.ones(logits.shape[0], 1, 1, num_keys, dtype=torch.bool, device=logits.device)
+    if kv_mask is not None:
+        visible = visible & kv_mask[:, None, None, :]
+    if q_pos_g is not None:
+        key_idx = torch.arange(num_keys, device=logits.device)
+        visible = visible & (key_idx[None, None, None, :] <= q_pos_g[:, None, :, None])
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+
+
 def _cross_attn_scores_backward(ctx, grad_scores):
-    """Blockwise recomputation over groups of kv heads: for each block the probabilities p
-    are recomputed, dL/ds = p * (dL/dp - sum_n p * dL/dp), with dL/dp[b,h,t,n] =
-    grad[b, n] * valid[b, t] / count[b]."""
+    """Blockwise recomputation over groups of kv heads: for each block the probabilities p are recomputed with the
+    G = H / Hkv query heads of a kv head folded into its rows (no repeated keys), and with dL/dp[b,h,t,n] = g[b, n] *
+    w[b, t] (g the upstream gradient, w = valid[b, t] / count[b]) the softmax backward is
+    dL/ds = p * w * (g - p.g), two elementwise passes and two matmuls per block."""
     q, k, q_mask, kv_mask, q_pos = ctx.saved_tensors
     batch, heads, queries, dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, num_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = dim**-0.5 if ctx.scale is None else ctx.scale
     # float32 like the forward kernels; float64 inputs (gradcheck) stay float64.
@@ -140,25 +158,26 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     q_valid = torch.ones(batch, queries, dtype=dtype, device=q.device) if q_mask is None else q_mask.to(dtype)
     count = q_valid.sum(dim=1) * heads
     # Rows with no valid query return the uniform distribution, which depends on neither input.
-    row_weight = q_valid / count.clamp_min(1.0)[:, None]  # (B, T)
-    grad_p = grad_scores.to(dtype)[:, None, None, :] * row_weight[:, None, :, None]  # (B, 1, T, N)
+    row_weight = (q_valid / count.clamp_min(1.0)[:, None]).repeat(1, group) * scale  # (B, G*T), g-major like q_g
+    q_pos_g = None if q_pos is None else q_pos.repeat(1, group)
+    g = grad_scores.to(dtype)[:, None, None, :]  # (B, 1, 1, N)
 
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
     grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
     kv_per_block = max(1, _BACKWARD_HEADS_PER_BLOCK // group)
     for j0 in range(0, kv_heads, kv_per_block):
         j1 = min(kv_heads, j0 + kv_per_block)
-        q_blk = q[:, j0 * group : j1 * group]  # (B, hb, T, D)
-        k_blk = k[:, j0:j1]  # (B, jb, N, D)
-        probs = reference.cross_attn_probs(q_blk, k_blk, scale=scale, kv_mask=kv_mask, q_pos=q_pos)
-        grad_logits = probs * (grad_p - (probs * grad_p).sum(dim=-1, keepdim=True))  # (B, hb, T, N)
-        grad_logits = grad_logits * scale
-        k_rep = k_blk.to(dtype).repeat_interleave(group, dim=1)
+        q_g = q[:, j0 * group : j1 * group].to(dtype).reshape(batch, j1 - j0, group * queries, dim)
+        k_blk = k[:, j0:j1].to(dtype)  # (B, jb, N, D)
+        probs = _grouped_probs(q_g, k_blk, scale, kv_mask, q_pos_g)  # (B, jb, G*T, N)
+        p_dot_g = torch.matmul(probs, g.transpose(-1, -2).expand(batch, 1, num_keys, 1))  # (B, jb, G*T, 1)
+        grad_logits = probs * ((g - p_dot_g) * row_weight[:, None, :, None])
         if grad_q is not None:
-            grad_q[:, j0 * group : j1 * group] = torch.matmul(grad_logits, k_rep)
+            grad_q[:, j0 * group : j1 * group] = torch.matmul(grad_logits, k_blk).reshape(
+                batch, (j1 - j0) * group, queries, dim
+            )
         if grad_k is not None:
-            grad_k_rep = torch.matmul(grad_logits.transpose(-1, -2), q_blk.to(dtype))  # (B, hb, N, D)
-            grad_k[:, j0:j1] = grad_k_rep.unflatten(1, (j1 - j0, group)).sum(dim=2)
+            grad_k[:, j0:j1] = torch.matmul(grad_logits.transpose(-1, -2), q_g)
     return (
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),

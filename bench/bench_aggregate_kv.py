@@ -191,6 +191,13 @@ def _time_ms(fn, min_run_time: float, repeats: int) -> float:
     return best * 1e3
 
 
+def _row(op, shape, case, device, dtype, ours, eager, comp, moved_bytes, **extra) -> dict:
+    """One table row: times in ms, ratios = their time / ours, GB/s of the bytes the op must move."""
+    return dict(op=op, shape=shape, case=case, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                ours_ms=ours, eager_ms=eager, compile_ms=comp, ratio_eager=eager / ours, ratio_compile=comp / ours,
+                ours_gbps=moved_bytes / (ours * 1e-3) / 1e9, threads=torch.get_num_threads(), **extra)  # fmt: skip
+
+
 def run_table(quick: bool, device: str = "cpu") -> list:
     """Measure every row with torch.utils.benchmark (which synchronizes CUDA); returns one
     dict per row: {op, shape, case (short form of shape, for bench/run.py), dtype, ours_ms,
@@ -198,7 +205,6 @@ def run_table(quick: bool, device: str = "cpu") -> list:
     their time / ours (> 1: ours is faster). quick: fewer shapes and shorter runs."""
     min_run_time, repeats = (0.2, 2) if quick else (0.5, 3)
     rows_out = []
-    threads = torch.get_num_threads()
     batches = [1] if quick else BATCHES
     ks = [1, 16] if quick else ROWS
     with torch.inference_mode():
@@ -213,21 +219,9 @@ def run_table(quick: bool, device: str = "cpu") -> list:
                     comp = _time_ms(lambda: compiled(x, logits), min_run_time, repeats)
                     moved = x.numel() * x.element_size() + batch * rows * HIDDEN * x.element_size()
                     rows_out.append(
-                        dict(
-                            op="weighted_aggregate",
-                            shape=f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows}",
-                            case=f"B={batch} K={rows}",
-                            device=str(device),
-                            dtype=str(dtype).replace("torch.", ""),
-                            ours_ms=ours,
-                            eager_ms=eager,
-                            compile_ms=comp,
-                            ratio_eager=eager / ours,
-                            ratio_compile=comp / ours,
-                            ours_gbps=moved / (ours * 1e-3) / 1e9,
-                            ours_gflops=2 * batch * rows * TOKENS * HIDDEN / (ours * 1e-3) / 1e9,
-                            threads=threads,
-                        )
+                        _row("weighted_aggregate", f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows}", f"B={batch} K={rows}",
+                             device, dtype, ours, eager, comp, moved,
+                             ours_gflops=2 * batch * rows * TOKENS * HIDDEN / (ours * 1e-3) / 1e9)  # fmt: skip
                     )
         layers, keep = kv_inputs(device=device)
         compiled = compiled_gather_loop()
@@ -238,22 +232,9 @@ def run_table(quick: bool, device: str = "cpu") -> list:
         comp = _time_ms(lambda: compiled(layers, keep), min_run_time, repeats)
         moved = 2 * 2 * LAYERS * keep.numel() * KV_HEADS * HEAD_DIM * layers[0][0].element_size()  # read + write, k + v
         rows_out.append(
-            dict(
-                op=f"kv_compaction_{LAYERS}L",
-                shape=f"({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep {keep.shape[1]}",
-                case=f"{LAYERS}L keep {keep.shape[1]}/650",
-                device=str(device),
-                dtype=str(KV_DTYPE).replace("torch.", ""),
-                ours_ms=ours,
-                eager_ms=eager,
-                compile_ms=comp,
-                ratio_eager=eager / ours,
-                ratio_compile=comp / ours,
-                ours_gbps=moved / (ours * 1e-3) / 1e9,
-                index_select_loop_ms=isel,
-                ratio_index_select=isel / ours,
-                threads=threads,
-            )
+            _row(f"kv_compaction_{LAYERS}L", f"({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep {keep.shape[1]}",
+                 f"{LAYERS}L keep {keep.shape[1]}/650", device, KV_DTYPE, ours, eager, comp, moved,
+                 index_select_loop_ms=isel, ratio_index_select=isel / ours)  # fmt: skip
         )
     rows_out += aggregate_backward_rows(quick, device, min_run_time, repeats)
     rows_out.append(merge_write_row(device, min_run_time, repeats))
@@ -279,21 +260,11 @@ def aggregate_backward_rows(quick: bool, device: str, min_run_time: float, repea
 
                 step()  # warm-up (compilation)
                 times[name] = _time_ms(step, min_run_time, repeats)
+            moved = 3 * x.numel() * x.element_size()  # x read twice, dx written
             rows_out.append(
-                dict(
-                    op="weighted_aggregate",
-                    shape=f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows} fwd+bwd",
-                    case=f"B={batch} K={rows} fwd+bwd",
-                    device=str(device),
-                    dtype=str(dtype).replace("torch.", ""),
-                    ours_ms=times["ours"],
-                    eager_ms=times["eager"],
-                    compile_ms=times["compile"],
-                    ratio_eager=times["eager"] / times["ours"],
-                    ratio_compile=times["compile"] / times["ours"],
-                    ours_gbps=3 * x.numel() * x.element_size() / (times["ours"] * 1e-3) / 1e9,  # x read twice, dx written
-                    threads=torch.get_num_threads(),
-                )
+                _row("weighted_aggregate", f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows} fwd+bwd",
+                     f"B={batch} K={rows} fwd+bwd", device, dtype, times["ours"], times["eager"], times["compile"],
+                     moved)  # fmt: skip
             )
     return rows_out
 
@@ -338,20 +309,8 @@ def merge_write_row(device: str, min_run_time: float, repeats: int) -> dict:
         comp = _time_ms(lambda: [_compiled(*args) for args in inputs], min_run_time, repeats)
     key = inputs[0][2]
     moved = LAYERS * 2 * key.numel() * key.element_size()  # the visual keys and values read once
-    return dict(
-        op="write_compressed_kv",
-        shape=f"{LAYERS}L (1, {KV_HEADS}, {VISUAL}, {HEAD_DIM}) -> K=16",
-        case=f"{LAYERS}L weights K=16",
-        device=str(device),
-        dtype=str(KV_DTYPE).replace("torch.", ""),
-        ours_ms=ours,
-        eager_ms=eager,
-        compile_ms=comp,
-        ratio_eager=eager / ours,
-        ratio_compile=comp / ours,
-        ours_gbps=moved / (ours * 1e-3) / 1e9,
-        threads=torch.get_num_threads(),
-    )
+    return _row("write_compressed_kv", f"{LAYERS}L (1, {KV_HEADS}, {VISUAL}, {HEAD_DIM}) -> K=16",
+                f"{LAYERS}L weights K=16", device, KV_DTYPE, ours, eager, comp, moved)
 
 
 def format_table(rows: list) -> str:

@@ -125,23 +125,6 @@ def _cross_attn_scores_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_mask, kv_mask, q_pos)
 
 
-def _grouped_probs(q_g, k_blk, scale, kv_mask, q_pos_g):
-    """Attention probabilities of grouped queries `q_g (B, jb, G*T, D)` on their kv head's keys `k_blk (B, jb, N, D)`,
-    in the dtype of the inputs; rows with no visible key are zeros (as in `reference.cross_attn_probs`)."""
-    logits = torch.matmul(q_g, k_blk.transpose(-1, -2)) * scale  # (B, jb, G*T, N)
-    if kv_mask is None and q_pos_g is None:
-        return torch.softmax(logits, dim=-1)
-    num_keys = k_blk.shape[2]
-    visible = torch.ones(logits.shape[0], 1, 1, num_keys, dtype=torch.bool, device=logits.device)
-    if kv_mask is not None:
-        visible = visible & kv_mask[:, None, None, :]
-    if q_pos_g is not None:
-        key_idx = torch.arange(num_keys, device=logits.device)
-        visible = visible & (key_idx[None, None, None, :] <= q_pos_g[:, None, :, None])
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
-
-
 def _cross_attn_scores_backward(ctx, grad_scores):
     """Blockwise recomputation over groups of kv heads: for each block the probabilities p are recomputed with the
     G = H / Hkv query heads of a kv head folded into its rows (no repeated keys), and with dL/dp[b,h,t,n] = g[b, n] *
@@ -149,7 +132,7 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     dL/ds = p * w * (g - p.g), two elementwise passes and two matmuls per block."""
     q, k, q_mask, kv_mask, q_pos = ctx.saved_tensors
     batch, heads, queries, dim = q.shape
-    kv_heads, num_keys = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     group = heads // kv_heads
     scale = dim**-0.5 if ctx.scale is None else ctx.scale
     # float32 like the forward kernels; float64 inputs (gradcheck) stay float64.
@@ -169,8 +152,9 @@ def _cross_attn_scores_backward(ctx, grad_scores):
         j1 = min(kv_heads, j0 + kv_per_block)
         q_g = q[:, j0 * group : j1 * group].to(dtype).reshape(batch, j1 - j0, group * queries, dim)
         k_blk = k[:, j0:j1].to(dtype)  # (B, jb, N, D)
-        probs = _grouped_probs(q_g, k_blk, scale, kv_mask, q_pos_g)  # (B, jb, G*T, N)
-        p_dot_g = torch.matmul(probs, g.transpose(-1, -2).expand(batch, 1, num_keys, 1))  # (B, jb, G*T, 1)
+        # the block's G query heads per kv head as rows of one "head": no repeated keys
+        probs = reference.cross_attn_probs(q_g, k_blk, scale=scale, kv_mask=kv_mask, q_pos=q_pos_g)  # (B, jb, G*T, N)
+        p_dot_g = torch.matmul(probs, g.transpose(-1, -2))  # (B, jb, G*T, 1)
         grad_logits = probs * ((g - p_dot_g) * row_weight[:, None, :, None])
         if grad_q is not None:
             grad_q[:, j0 * group : j1 * group] = torch.matmul(grad_logits, k_blk).reshape(

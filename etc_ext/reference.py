@@ -39,8 +39,12 @@ def cross_attn_probs(
     scale = head_dim**-0.5 if scale is None else scale
     # GQA: query head h reads kv head h // (H / Hkv).
     dtype = _accumulate_dtype(q)
-    k = k.to(dtype).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    k = k.to(dtype)
+    if num_heads != num_kv_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
     logits = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale  # (B, H, T, N)
+    if kv_mask is None and q_pos is None:  # every key visible: no mask to build or apply
+        return torch.softmax(logits, dim=-1)
 
     visible = torch.ones(batch_size, 1, 1, num_keys, dtype=torch.bool, device=q.device)
     if kv_mask is not None:

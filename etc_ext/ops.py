@@ -114,9 +114,18 @@ def _cross_attn_scores_fake(q, k, scale=None, q_mask=None, kv_mask=None, q_pos=N
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 
-# Heads per block when the backward pass recomputes the probabilities: bounds the extra
-# memory to about this many [B, T, N] float32 slices.
-_BACKWARD_HEADS_PER_BLOCK = 8
+# Probabilities recomputed per block by the backward pass: blocks of (batch rows, kv heads) whose
+# [G*T, N] slices fit this many bytes (at least one of each), so that the extra memory stays
+# bounded and the elementwise passes over a block run from cache; inference shapes (B=1, T~32)
+# run as one block.
+_BACKWARD_BLOCK_BYTES = 4 * 2**20
+
+
+def _backward_blocks(batch: int, kv_heads: int, slice_bytes: int) -> tuple[int, int]:
+    """(batch rows, kv heads) per block for [G*T, N] slices of `slice_bytes` each."""
+    kv_per_block = min(kv_heads, max(1, _BACKWARD_BLOCK_BYTES // max(1, slice_bytes)))
+    batch_per_block = min(batch, max(1, _BACKWARD_BLOCK_BYTES // max(1, slice_bytes * kv_per_block)))
+    return batch_per_block, kv_per_block
 
 
 def _cross_attn_scores_setup_context(ctx, inputs, output):
@@ -129,7 +138,8 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     """Blockwise recomputation over groups of kv heads: for each block the probabilities p are recomputed with the
     G = H / Hkv query heads of a kv head folded into its rows (no repeated keys), and with dL/dp[b,h,t,n] = g[b, n] *
     w[b, t] (g the upstream gradient, w = valid[b, t] / count[b]) the softmax backward is
-    dL/ds = p * w * (g - p.g), two elementwise passes and two matmuls per block."""
+    dL/ds = p * w * (g - p.g): one elementwise pass over p and two matmuls per block, with the softmax scale and the
+    row weight w applied to the [G*T, D] sides of the matmuls instead of to p."""
     q, k, q_mask, kv_mask, q_pos = ctx.saved_tensors
     batch, heads, queries, dim = q.shape
     kv_heads = k.shape[1]
@@ -141,27 +151,39 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     q_valid = torch.ones(batch, queries, dtype=dtype, device=q.device) if q_mask is None else q_mask.to(dtype)
     count = q_valid.sum(dim=1) * heads
     # Rows with no valid query return the uniform distribution, which depends on neither input.
-    row_weight = (q_valid / count.clamp_min(1.0)[:, None]).repeat(1, group) * scale  # (B, G*T), g-major like q_g
+    row_weight = (q_valid / count.clamp_min(1.0)[:, None]).repeat(1, group)  # (B, G*T), g-major like q_g
+    row_weight = row_weight[:, None, :, None]  # (B, 1, G*T, 1)
     q_pos_g = None if q_pos is None else q_pos.repeat(1, group)
     g = grad_scores.to(dtype)[:, None, None, :]  # (B, 1, 1, N)
 
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
     grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
-    kv_per_block = max(1, _BACKWARD_HEADS_PER_BLOCK // group)
-    for j0 in range(0, kv_heads, kv_per_block):
-        j1 = min(kv_heads, j0 + kv_per_block)
-        q_g = q[:, j0 * group : j1 * group].to(dtype).reshape(batch, j1 - j0, group * queries, dim)
-        k_blk = k[:, j0:j1].to(dtype)  # (B, jb, N, D)
-        # the block's G query heads per kv head as rows of one "head": no repeated keys
-        probs = reference.cross_attn_probs(q_g, k_blk, scale=scale, kv_mask=kv_mask, q_pos=q_pos_g)  # (B, jb, G*T, N)
-        p_dot_g = torch.matmul(probs, g.transpose(-1, -2))  # (B, jb, G*T, 1)
-        grad_logits = probs * ((g - p_dot_g) * row_weight[:, None, :, None])
-        if grad_q is not None:
-            grad_q[:, j0 * group : j1 * group] = torch.matmul(grad_logits, k_blk).reshape(
-                batch, (j1 - j0) * group, queries, dim
-            )
-        if grad_k is not None:
-            grad_k[:, j0:j1] = torch.matmul(grad_logits.transpose(-1, -2), q_g)
+    slice_bytes = group * queries * k.shape[2] * torch.finfo(dtype).bits // 8
+    batch_per_block, kv_per_block = _backward_blocks(batch, kv_heads, slice_bytes)
+    for b0 in range(0, batch, batch_per_block):
+        b1 = min(batch, b0 + batch_per_block)
+        for j0 in range(0, kv_heads, kv_per_block):
+            j1 = min(kv_heads, j0 + kv_per_block)
+            # the block's G query heads per kv head as rows of one "head": no repeated keys; scaled once here so
+            # that the logits need no scaling pass
+            q_g = q[b0:b1, j0 * group : j1 * group].to(dtype).reshape(b1 - b0, j1 - j0, group * queries, dim) * scale
+            k_blk = k[b0:b1, j0:j1].to(dtype)  # (b, jb, N, D)
+            probs = reference.cross_attn_probs(
+                q_g,
+                k_blk,
+                scale=1.0,
+                kv_mask=None if kv_mask is None else kv_mask[b0:b1],
+                q_pos=None if q_pos_g is None else q_pos_g[b0:b1],
+            )  # (b, jb, G*T, N)
+            g_blk, w_blk = g[b0:b1], row_weight[b0:b1]
+            p_dot_g = torch.matmul(probs, g_blk.transpose(-1, -2))  # (b, jb, G*T, 1)
+            grad_logits = probs.mul_(g_blk - p_dot_g)  # without w and the scale; probs is not needed any more
+            if grad_q is not None:
+                grad_q[b0:b1, j0 * group : j1 * group] = (torch.matmul(grad_logits, k_blk) * (w_blk * scale)).reshape(
+                    b1 - b0, (j1 - j0) * group, queries, dim
+                )
+            if grad_k is not None:
+                grad_k[b0:b1, j0:j1] = torch.matmul(grad_logits.transpose(-1, -2), q_g * w_blk)
     return (
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),

@@ -133,8 +133,12 @@ def test_large_tile_count(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_masks", [False, True])
-def test_backward_matches_float64_autograd(device, with_masks):
-    """Gradients of the op (float32) against autograd through the float64 reference."""
+@pytest.mark.parametrize("one_slice_per_block", [False, True])
+def test_backward_matches_float64_autograd(device, with_masks, one_slice_per_block, monkeypatch):
+    """Gradients of the op (float32) against autograd through the float64 reference; with
+    `one_slice_per_block` the backward recomputes one (batch row, kv head) at a time."""
+    if one_slice_per_block:
+        monkeypatch.setattr(ops, "_BACKWARD_BLOCK_BYTES", 1)
     shape = (2, 4, 2, 3, 7, 5)
     q, k, masks = make_inputs(shape, torch.float32, device, with_masks)
     q.requires_grad_()
@@ -148,8 +152,11 @@ def test_backward_matches_float64_autograd(device, with_masks):
 
 
 @pytest.mark.parametrize("with_masks", [False, True])
-def test_gradcheck_backward_formula(with_masks):
+@pytest.mark.parametrize("one_slice_per_block", [False, True])
+def test_gradcheck_backward_formula(with_masks, one_slice_per_block, monkeypatch):
     """torch.autograd.gradcheck in float64 of the backward the op registers."""
+    if one_slice_per_block:
+        monkeypatch.setattr(ops, "_BACKWARD_BLOCK_BYTES", 1)
     q, k, masks = make_inputs((2, 4, 2, 3, 6, 5), torch.float32, "cpu", with_masks)
     q = q.double().requires_grad_()
     k = k.double().requires_grad_()

@@ -191,11 +191,20 @@ def _time_ms(fn, min_run_time: float, repeats: int) -> float:
     return best * 1e3
 
 
-def _row(op, shape, case, device, dtype, ours, eager, comp, moved_bytes, **extra) -> dict:
-    """One table row: times in ms, ratios = their time / ours, GB/s of the bytes the op must move."""
+def read_floor_ms(read_bytes: int, dtype, device, min_run_time: float, repeats: int) -> float:
+    """The floor of a memory-bound op: one streaming read of `read_bytes` (a sum over one contiguous buffer of that
+    size in `dtype`), in ms."""
+    buffer = torch.ones(max(1, read_bytes // torch.finfo(dtype).bits * 8), dtype=dtype, device=device)
+    return _time_ms(lambda: buffer.sum(), min_run_time, repeats)
+
+
+def _row(op, shape, case, device, dtype, ours, eager, comp, moved_bytes, floor=None, **extra) -> dict:
+    """One table row: times in ms, ratios = their time / ours, GB/s of the bytes the op must move, the floor (one read
+    of the inputs, `read_floor_ms`) when measured."""
     return dict(op=op, shape=shape, case=case, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                ours_ms=ours, eager_ms=eager, compile_ms=comp, ratio_eager=eager / ours, ratio_compile=comp / ours,
-                ours_gbps=moved_bytes / (ours * 1e-3) / 1e9, threads=torch.get_num_threads(), **extra)  # fmt: skip
+                ours_ms=ours, eager_ms=eager, compile_ms=comp, floor_ms=floor, ratio_eager=eager / ours,
+                ratio_compile=comp / ours, ours_gbps=moved_bytes / (ours * 1e-3) / 1e9,
+                threads=torch.get_num_threads(), **extra)  # fmt: skip
 
 
 def run_table(quick: bool, device: str = "cpu") -> list:
@@ -218,9 +227,11 @@ def run_table(quick: bool, device: str = "cpu") -> list:
                     eager = _time_ms(lambda: reference.weighted_aggregate(x, logits), min_run_time, repeats)
                     comp = _time_ms(lambda: compiled(x, logits), min_run_time, repeats)
                     moved = x.numel() * x.element_size() + batch * rows * HIDDEN * x.element_size()
+                    read = x.numel() * x.element_size() + logits.numel() * logits.element_size()
+                    floor = read_floor_ms(read, dtype, device, min_run_time, repeats)
                     rows_out.append(
                         _row("weighted_aggregate", f"x=({batch}, {TOKENS}, {HIDDEN}) K={rows}", f"B={batch} K={rows}",
-                             device, dtype, ours, eager, comp, moved,
+                             device, dtype, ours, eager, comp, moved, floor,
                              ours_gflops=2 * batch * rows * TOKENS * HIDDEN / (ours * 1e-3) / 1e9)  # fmt: skip
                     )
         layers, keep = kv_inputs(device=device)
@@ -231,9 +242,10 @@ def run_table(quick: bool, device: str = "cpu") -> list:
         isel = _time_ms(lambda: index_select_loop(layers, keep), min_run_time, repeats)
         comp = _time_ms(lambda: compiled(layers, keep), min_run_time, repeats)
         moved = 2 * 2 * LAYERS * keep.numel() * KV_HEADS * HEAD_DIM * layers[0][0].element_size()  # read + write, k + v
+        floor = read_floor_ms(moved // 2, KV_DTYPE, device, min_run_time, repeats)  # the kept entries read once
         rows_out.append(
             _row(f"kv_compaction_{LAYERS}L", f"({1}, {KV_HEADS}, 650, {HEAD_DIM}) keep {keep.shape[1]}",
-                 f"{LAYERS}L keep {keep.shape[1]}/650", device, KV_DTYPE, ours, eager, comp, moved,
+                 f"{LAYERS}L keep {keep.shape[1]}/650", device, KV_DTYPE, ours, eager, comp, moved, floor,
                  index_select_loop_ms=isel, ratio_index_select=isel / ours)  # fmt: skip
         )
     rows_out += aggregate_backward_rows(quick, device, min_run_time, repeats)
@@ -307,10 +319,12 @@ def merge_write_row(device: str, min_run_time: float, repeats: int) -> dict:
         ours = _time_ms(lambda: [merge_write_ours(*args) for args in inputs], min_run_time, repeats)
         eager = _time_ms(lambda: [merge_write_eager(*args) for args in inputs], min_run_time, repeats)
         comp = _time_ms(lambda: [_compiled(*args) for args in inputs], min_run_time, repeats)
-    key = inputs[0][2]
+    key, weights = inputs[0][2], inputs[0][4]
     moved = LAYERS * 2 * key.numel() * key.element_size()  # the visual keys and values read once
+    read = moved + LAYERS * weights.numel() * weights.element_size()
+    floor = read_floor_ms(read, KV_DTYPE, device, min_run_time, repeats)
     return _row("write_compressed_kv", f"{LAYERS}L (1, {KV_HEADS}, {VISUAL}, {HEAD_DIM}) -> K=16",
-                f"{LAYERS}L weights K=16", device, KV_DTYPE, ours, eager, comp, moved)
+                f"{LAYERS}L weights K=16", device, KV_DTYPE, ours, eager, comp, moved, floor)
 
 
 def format_table(rows: list) -> str:

@@ -1,22 +1,22 @@
 """Reproduces every checkpoint of the demo from scratch with the public training pipeline (`etc_ext.train.train`).
 
 ```
-python -m etc_ext.demo.reproduce --work runs/demo --install --threads 2   # data, 7 training runs, validation, packing
+python -m etc_ext.demo.reproduce --work runs/demo --install --threads 2   # data, 8 training runs, validation, packing
 ```
 
-About 45 minutes on 2 CPU cores (measured for the shipped checkpoints: the from-scratch stage 2600 steps at
-~0.4 s, the six 400-step fine-tunes 0.4 to 0.7 s per step).
+About 95 minutes on 2 CPU cores (measured for the shipped checkpoints, the machine shared part of the time:
+`full-base` 2600 steps in 21 min, `full-base-2` 3000 steps in 37 min, the six 800-step fine-tunes 5 to 7 min each).
 
 Steps (each skipped when its output exists, so an interrupted run continues; training runs resume from their last
 checkpoint):
 
 1. generate the data under `WORK/data`: the training sets of `recipe.TRAINING_DATA` (`etc_ext.demo.data`: the
-   full model's curriculum and the ETC variants' set, train-split scenes only) and the `val` split
+   full model's curriculum, its second stage's set and the fine-tunes' set, train-split scenes only) and the `val` split
    (`generate_shapes_dataset`); the `test` split is never touched here;
 2. write the tiny LLaVA with random weights to `WORK/init` (`recipe.build_initial_model`);
 3. train the runs of `recipe.RUNS` in order, each from the model its `start` names (`etc_ext.train.train(
-   TrainingArguments(...))`) into `WORK/runs/<name>/`: `full-base` from random weights, then the shipped full model
-   and each ETC variant from it, trained alike;
+   TrainingArguments(...))`) into `WORK/runs/<name>/`: `full-base` from random weights, `full-base-2` from it, then
+   the shipped full model and each ETC variant from `full-base-2`, trained alike;
 4. evaluate every run on the validation split (`WORK/runs/<name>/val.json`);
 5. pack the runs in fp16 (`etc_ext.demo.artifacts`) into `--dest` (with `--install`: the package's
    `etc_ext/demo/checkpoints/`, which the demo reads), with `manifest.json`.

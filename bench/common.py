@@ -38,6 +38,17 @@ def time_ms(fn, min_run_time=1.0):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def interleaved_min_ms(fns: dict, rounds: int, min_run_time: float) -> dict:
+    """{name: ms}: the minimum over `rounds` rounds of `time_ms(fn, min_run_time)`, the paths interleaved within each
+    round. On a shared machine the load drifts during a run: interleaving exposes every path to the same drift, and
+    the minimum is the least disturbed estimate."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], time_ms(fn, min_run_time))
+    return best
+
+
 def peak_extra_memory_bytes(module, function, args, device="cpu"):
     """Peak memory a call allocates beyond its inputs, measured in a fresh process.
 

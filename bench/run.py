@@ -5,7 +5,8 @@
 
 The op table (this file): columns are our op, the eager reference (etc_ext.reference), torch.compile(reference), and for
 cross_attn_scores the q.k^T matmul alone (the floor a fused op can reach); ratios are
-reference time / our time. Memory: peak bytes a call allocates beyond its inputs, measured
+reference time / our time. cross_attn_scores times are the minimum of 5 interleaved rounds of every path (robust to a
+shared machine's drifting load). Memory: peak bytes a call allocates beyond its inputs, measured
 in a fresh process; written to ops.json and ops.png. The other sections are etc_ext.bench (end to end on tiny
 LLaVA / Qwen3-VL, the memory of ETC's target scores, analytic projections to the real models), written to bench.json
 and e2e.png.
@@ -19,9 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SCORE_SHAPES, peak_extra_memory_bytes, score_inputs, time_ms  # noqa: E402
+from common import SCORE_SHAPES, interleaved_min_ms, peak_extra_memory_bytes, score_inputs  # noqa: E402
 
 import etc_ext  # noqa: E402
+
+
+# (rounds, min_run_time in s) of the cross_attn_scores rows, by `quick`
+_TIMING = {False: (5, 0.3), True: (1, 0.3)}
 
 
 def score_rows(device, quick, with_memory):
@@ -31,7 +36,8 @@ def score_rows(device, quick, with_memory):
     shapes = SCORE_SHAPES[:2] if quick else SCORE_SHAPES
     for name, *shape in shapes:
         q, k = score_inputs(*shape, device=device)
-        times = {path: time_ms(lambda fn=fn: fn(q, k), 0.3 if quick else 1.0) for path, fn in bcs.PATHS.items()}
+        fns = {path: (lambda fn=fn: fn(q, k)) for path, fn in bcs.PATHS.items()}
+        times = interleaved_min_ms(fns, *_TIMING[quick])
         row = {
             "op": "cross_attn_scores",
             "case": name,
@@ -57,7 +63,7 @@ def score_backward_row(name, shape, device, quick):
 
     q, k = score_inputs(*shape, device=device, requires_grad=True)
     grad = torch.randn(shape[0], shape[4], device=device)
-    times = {}
+    steps = {}
     for path in ("ours", "eager", "compile"):
         fn = bcs.PATHS[path]
 
@@ -66,7 +72,8 @@ def score_backward_row(name, shape, device, quick):
             fn(q, k).backward(grad)
 
         step()  # warm-up (compilation)
-        times[path] = time_ms(step, 0.3 if quick else 1.0)
+        steps[path] = step
+    times = interleaved_min_ms(steps, *_TIMING[quick])
     return {
         "op": "cross_attn_scores",
         "case": name + " fwd+bwd",

@@ -135,11 +135,11 @@ def _cross_attn_scores_setup_context(ctx, inputs, output):
 
 
 def _cross_attn_scores_backward(ctx, grad_scores):
-    """Blockwise recomputation over groups of kv heads: for each block the probabilities p are recomputed with the
-    G = H / Hkv query heads of a kv head folded into its rows (no repeated keys), and with dL/dp[b,h,t,n] = g[b, n] *
-    w[b, t] (g the upstream gradient, w = valid[b, t] / count[b]) the softmax backward is
-    dL/ds = p * w * (g - p.g): one elementwise pass over p and two matmuls per block, with the softmax scale and the
-    row weight w applied to the [G*T, D] sides of the matmuls instead of to p."""
+    """Blockwise recomputation over blocks of (batch rows, kv heads) (`_backward_blocks`): for each block the
+    probabilities p are recomputed with the G = H / Hkv query heads of a kv head folded into its rows (no repeated
+    keys), and with dL/dp[b,h,t,n] = g[b, n] * w[b, t] (g the upstream gradient, w = valid[b, t] / count[b]) the
+    softmax backward is dL/ds = p * w * (g - p.g): one elementwise pass over p and two matmuls per block, with the
+    softmax scale and the row weight w applied to the [G*T, D] sides of the matmuls instead of to p."""
     q, k, q_mask, kv_mask, q_pos = ctx.saved_tensors
     batch, heads, queries, dim = q.shape
     kv_heads = k.shape[1]

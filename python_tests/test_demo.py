@@ -214,8 +214,8 @@ def test_reproduce_trains_and_packs_one_step_runs(tmp_path):
     from etc_ext.demo.reproduce import final_dir, main as reproduce_main
 
     work = tmp_path / "work"
-    argv = ["--work", str(work), "--runs", "full-base", "full-base-2", "full", "etc-m1-vid", "--max-steps", "1", "--data-scale", "0.0005",
-            "--num-val-images", "2", "--no-progress"]  # fmt: skip
+    argv = ["--work", str(work), "--runs", "full-base", "full-base-2", "full", "etc-m1-vid", "--max-steps", "1",
+            "--data-scale", "0.0005", "--num-val-images", "2", "--no-progress"]  # fmt: skip
     assert reproduce_main(argv) == 0
     for name in ("full-base", "full-base-2", "full", "etc-m1-vid"):
         with open(work / "runs" / name / "final" / "training_info.json") as f:

@@ -7,7 +7,7 @@
 // Why not BLAS: at inference shapes (T ~ 32 text queries, N ~ 576 keys per head) each head's
 // q.k^T is a skinny 32 x 576 x 128 product, and MKL packs k for every such call. Transposed,
 // each key row is read in place and broadcast against the packed q panel, so only the small
-// panel is packed (this micro-kernel alone: ~1.4x MKL's batched matmul at that shape).
+// panel is packed (the micro-kernel alone: ~1.1 ms vs ~1.5 ms for MKL's batched matmul there).
 #include "../checks.h"
 #include "../ops.h"
 #include "vec_math.h"

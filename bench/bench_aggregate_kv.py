@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import benchmark as tbench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import etc_ext  # noqa: E402,F401
 from etc_ext import ops, reference  # noqa: E402
 from etc_ext.cache import compact_kv_layers  # noqa: E402
+from common import interleaved_min_ms  # noqa: E402
 
 # LLaVA-1.5-7B
 TOKENS, HIDDEN = 576, 4096
@@ -182,19 +182,14 @@ def test_write_compressed_kv_weights_32_layers(benchmark, impl):
 def _time_ms(fn, min_run_time: float, repeats: int) -> float:
     """Best of `repeats` blocked_autorange medians, in ms: the machine is shared and noisy,
     and the minimum is the least disturbed estimate."""
-    best = float("inf")
-    for _ in range(repeats):
-        m = tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-            min_run_time=min_run_time
-        )
-        best = min(best, m.median)
-    return best * 1e3
+    return interleaved_min_ms({"fn": fn}, repeats, min_run_time)["fn"]
 
 
 def read_floor_ms(read_bytes: int, dtype, device, min_run_time: float, repeats: int) -> float:
     """The floor of a memory-bound op: one streaming read of `read_bytes` (a sum over one contiguous buffer of that
     size in `dtype`), in ms."""
-    buffer = torch.ones(max(1, read_bytes // torch.finfo(dtype).bits * 8), dtype=dtype, device=device)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    buffer = torch.ones(max(1, read_bytes // element_size), dtype=dtype, device=device)
     return _time_ms(lambda: buffer.sum(), min_run_time, repeats)
 
 

@@ -231,13 +231,14 @@ def run_demo(
     manifest = read_manifest(checkpoints)
     selected = demo_rows()
     if rows is not None:
-        known = {row.key for row in demo_rows(baselines=True)}
+        every_row = demo_rows(baselines=True)
+        known = {row.key for row in every_row}
         unknown = sorted(set(rows) - known)
         if unknown:
             raise ValueError(f"unknown demo rows {unknown}; rows are {sorted(known)}")
-        if not baselines_available() and any(key not in {r.key for r in selected} for key in rows):
+        if not baselines_available() and not set(rows) <= {row.key for row in selected}:
             raise ValueError("baseline rows need etc_ext.baselines, which this installation lacks")
-        selected = [row for row in demo_rows(baselines=True) if row.key in rows]
+        selected = [row for row in every_row if row.key in rows]
     os.makedirs(output_dir, exist_ok=True)
     data_json = generate_test_data(os.path.join(output_dir, "data"), num_test_images)
 

@@ -35,7 +35,7 @@ import shutil
 import time
 
 from . import recipe
-from .artifacts import CHECKPOINT_DIR, MANIFEST_NAME, folder_bytes, pack_etc, pack_full
+from .artifacts import CHECKPOINT_DIR, MANIFEST_NAME, pack_etc, pack_full
 
 
 logger = logging.getLogger(__name__)
@@ -194,11 +194,11 @@ def pack(work: str, dest: str, runs, summaries: dict, validation: dict, settings
                 "training_summary": summaries.get(run.name),
                 "val": validation.get(run.name),
                 "files": files[run.name],
-                "bytes": folder_bytes(os.path.join(dest, run.name)),
+                "bytes": sum(files[run.name].values()),
             }
             for run in runs
         },
-        "total_bytes": sum(folder_bytes(os.path.join(dest, run.name)) for run in runs),
+        "total_bytes": sum(sum(sizes.values()) for sizes in files.values()),
     }
     with open(os.path.join(dest, MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=1)

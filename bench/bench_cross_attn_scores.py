@@ -38,8 +38,8 @@ PATHS = {
 
 
 # Used by common.peak_extra_memory_bytes in a fresh process.
-def memory_probe_inputs(batch, heads, kv_heads, queries, keys, dim, device="cpu"):
-    return score_inputs(batch, heads, kv_heads, queries, keys, dim, device=device)
+def memory_probe_inputs(batch, heads, kv_heads, queries, keys, dim, dtype="float32", device="cpu"):
+    return score_inputs(batch, heads, kv_heads, queries, keys, dim, dtype=getattr(torch, dtype), device=device)
 
 
 def memory_ours(q, k):

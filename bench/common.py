@@ -49,12 +49,36 @@ def interleaved_min_ms(fns: dict, rounds: int, min_run_time: float) -> dict:
     return best
 
 
+def copy_bandwidth_gbps(device, megabytes=1024, min_run_time=0.5):
+    """Device memory bandwidth as a large device-to-device copy achieves it (bytes read + bytes written per second,
+    GB/s): the ceiling the memory-bound rows are compared with. None on the CPU."""
+    if device != "cuda":
+        return None
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), min_run_time)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def peak_extra_memory_bytes(module, function, args, device="cpu"):
     """Peak memory a call allocates beyond its inputs, measured in a fresh process.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: growth of the process's peak resident set
-    (VmHWM, which starts afresh with the new process image; ru_maxrss would carry over the
-    parent's peak across fork/exec), a coarse but real measurement (page granularity)."""
+    CUDA: torch.cuda.max_memory_allocated, in this process (the allocator's own count needs no fresh process).
+    CPU: growth of the process's peak resident set (VmHWM, which starts afresh with the new process image; ru_maxrss
+    would carry over the parent's peak across fork/exec), a coarse but real measurement (page granularity)."""
+    if device == "cuda":
+        import importlib
+
+        m = importlib.import_module(module)
+        inputs = m.memory_probe_inputs(*args, device=device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = getattr(m, function)(*inputs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base  # the output included, as on the CPU
+        del out, inputs
+        return int(peak)
     code = f"""
 import gc, json, sys, torch
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r})

@@ -11,6 +11,9 @@ from common import SCORE_SHAPES, score_inputs
 
 from etc_ext import ops, reference
 
+# One compiled graph per (shape, dtype, forward or backward): more than dynamo's default recompile limit of 8, past
+# which it would silently run the eager reference in the compile column.
+torch._dynamo.config.recompile_limit = 64
 _compiled_reference = None
 
 

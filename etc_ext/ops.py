@@ -116,15 +116,18 @@ def _cross_attn_scores_fake(q, k, scale=None, q_mask=None, kv_mask=None, q_pos=N
 
 # Probabilities recomputed per block by the backward pass: blocks of (batch rows, kv heads) whose
 # [G*T, N] slices fit this many bytes (at least one of each), so that the extra memory stays
-# bounded and the elementwise passes over a block run from cache; inference shapes (B=1, T~32)
-# run as one block.
+# bounded. On the CPU the elementwise passes over a block then run from cache; inference shapes
+# (B=1, T~32) run as one block. A GPU has no cache to fit but pays ~10 launches per block: its
+# blocks are 64x larger (the LLaVA-7B training shape, 604 MB of fp32 probabilities, in 3 blocks).
 _BACKWARD_BLOCK_BYTES = 4 * 2**20
+_GPU_BLOCK_FACTOR = 64
 
 
-def _backward_blocks(batch: int, kv_heads: int, slice_bytes: int) -> tuple[int, int]:
+def _backward_blocks(batch: int, kv_heads: int, slice_bytes: int, device: torch.device) -> tuple[int, int]:
     """(batch rows, kv heads) per block for [G*T, N] slices of `slice_bytes` each."""
-    kv_per_block = min(kv_heads, max(1, _BACKWARD_BLOCK_BYTES // max(1, slice_bytes)))
-    batch_per_block = min(batch, max(1, _BACKWARD_BLOCK_BYTES // max(1, slice_bytes * kv_per_block)))
+    budget = _BACKWARD_BLOCK_BYTES * (1 if device.type == "cpu" else _GPU_BLOCK_FACTOR)
+    kv_per_block = min(kv_heads, max(1, budget // max(1, slice_bytes)))
+    batch_per_block = min(batch, max(1, budget // max(1, slice_bytes * kv_per_block)))
     return batch_per_block, kv_per_block
 
 
@@ -159,7 +162,7 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
     grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
     slice_bytes = group * queries * k.shape[2] * torch.finfo(dtype).bits // 8
-    batch_per_block, kv_per_block = _backward_blocks(batch, kv_heads, slice_bytes)
+    batch_per_block, kv_per_block = _backward_blocks(batch, kv_heads, slice_bytes, q.device)
     for b0 in range(0, batch, batch_per_block):
         b1 = min(batch, b0 + batch_per_block)
         for j0 in range(0, kv_heads, kv_per_block):

@@ -20,6 +20,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWeightTile = 256;  // weights of one entry staged in shared memory at a time
+constexpr int kUnroll = 8;        // source positions loaded together by write_weights_kernel
 
 struct Strides4 {
   int64_t s0, s1, s2, s3;
@@ -87,12 +88,25 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x < count) w_tile[threadIdx.x] = wp[(n0 + threadIdx.x) * w_stride.s2];
     __syncthreads();
     if (!active) continue;
-    for (int64_t j = 0; j < count; ++j) {
-      const acc_t w = w_tile[j];
-      if (w == acc_t(0)) continue;  // the same for the whole block: no divergence
-      const int64_t n = n0 + j;
-      acc_k += w * static_cast<acc_t>(kp[n * a.key.s2]);
-      acc_v += w * static_cast<acc_t>(vp[n * a.value.s2]);
+    // kUnroll positions' loads issued before their first use: the loop is latency-bound
+    // otherwise (one dependent load pair per position).
+    int64_t j = 0;
+    for (; j + kUnroll <= count; j += kUnroll) {
+      acc_t keys[kUnroll], values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        keys[u] = static_cast<acc_t>(kp[(n0 + j + u) * a.key.s2]);
+        values[u] = static_cast<acc_t>(vp[(n0 + j + u) * a.value.s2]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        acc_k += w_tile[j + u] * keys[u];
+        acc_v += w_tile[j + u] * values[u];
+      }
+    }
+    for (; j < count; ++j) {
+      acc_k += w_tile[j] * static_cast<acc_t>(kp[(n0 + j) * a.key.s2]);
+      acc_v += w_tile[j] * static_cast<acc_t>(vp[(n0 + j) * a.value.s2]);
     }
   }
   if (!active) return;

@@ -159,10 +159,16 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     q_pos_g = None if q_pos is None else q_pos.repeat(1, group)
     g = grad_scores.to(dtype)[:, None, None, :]  # (B, 1, 1, N)
 
-    grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
-    grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
+    needs_grad_q, needs_grad_k = ctx.needs_input_grad[:2]
+    if q.numel() == 0 or k.numel() == 0:  # nothing flows back (and no block to iterate over)
+        return torch.zeros_like(q), torch.zeros_like(k), None, None, None, None
     slice_bytes = group * queries * k.shape[2] * torch.finfo(dtype).bits // 8
     batch_per_block, kv_per_block = _backward_blocks(batch, kv_heads, slice_bytes, q.device)
+    # Every (batch row, kv head) is in exactly one block, so the gradients need no zero fill; a single block (the
+    # inference shapes) returns its matmul results as they are, without a copy.
+    single_block = batch_per_block == batch and kv_per_block == kv_heads
+    grad_q = torch.empty(q.shape, dtype=dtype, device=q.device) if needs_grad_q and not single_block else None
+    grad_k = torch.empty(k.shape, dtype=dtype, device=k.device) if needs_grad_k and not single_block else None
     for b0 in range(0, batch, batch_per_block):
         b1 = min(batch, b0 + batch_per_block)
         for j0 in range(0, kv_heads, kv_per_block):
@@ -181,12 +187,20 @@ def _cross_attn_scores_backward(ctx, grad_scores):
             g_blk, w_blk = g[b0:b1], row_weight[b0:b1]
             p_dot_g = torch.matmul(probs, g_blk.transpose(-1, -2))  # (b, jb, G*T, 1)
             grad_logits = probs.mul_(g_blk - p_dot_g)  # without w and the scale; probs is not needed any more
-            if grad_q is not None:
-                grad_q[b0:b1, j0 * group : j1 * group] = (torch.matmul(grad_logits, k_blk) * (w_blk * scale)).reshape(
+            if needs_grad_q:
+                block_q = (torch.matmul(grad_logits, k_blk) * (w_blk * scale)).reshape(
                     b1 - b0, (j1 - j0) * group, queries, dim
                 )
-            if grad_k is not None:
-                grad_k[b0:b1, j0:j1] = torch.matmul(grad_logits.transpose(-1, -2), q_g * w_blk)
+                if single_block:
+                    grad_q = block_q
+                else:
+                    grad_q[b0:b1, j0 * group : j1 * group] = block_q
+            if needs_grad_k:
+                block_k = torch.matmul(grad_logits.transpose(-1, -2), q_g * w_blk)
+                if single_block:
+                    grad_k = block_k
+                else:
+                    grad_k[b0:b1, j0:j1] = block_k
     return (
         None if grad_q is None else grad_q.to(q.dtype),
         None if grad_k is None else grad_k.to(k.dtype),

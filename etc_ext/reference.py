@@ -42,7 +42,9 @@ def cross_attn_probs(
     k = k.to(dtype)
     if num_heads != num_kv_heads:
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-    logits = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scale  # (B, H, T, N)
+    logits = torch.matmul(q.to(dtype), k.transpose(-1, -2))  # (B, H, T, N)
+    if scale != 1.0:  # the backward passes pre-scaled queries: skip a pass over the logits
+        logits = logits * scale
     if kv_mask is None and q_pos is None:  # every key visible: no mask to build or apply
         return torch.softmax(logits, dim=-1)
 

@@ -151,6 +151,39 @@ def test_backward_matches_float64_autograd(device, with_masks, one_slice_per_blo
     torch.testing.assert_close(k.grad, k64.grad.float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_nan_in_a_visible_key_reaches_the_scores(device, dtype):
+    """A NaN in a visible key makes every score of its batch row NaN, as in the reference (the key enters every
+    softmax denominator of its kv head); a NaN key that kv_mask hides changes nothing; other rows are untouched."""
+    q = torch.randn(2, 4, 3, 32, device=device).to(dtype)
+    k = torch.randn(2, 2, 70, 32, device=device).to(dtype)
+    k[0, 1, 5, 3] = float("nan")
+    got, want = ops.cross_attn_scores(q, k), reference.cross_attn_scores(q.double(), k.double())
+    assert got[0].isnan().all() and want[0].isnan().all()
+    torch.testing.assert_close(got[1], want[1].float(), rtol=1e-4, atol=1e-6)
+    kv_mask = torch.ones(2, 70, dtype=torch.bool, device=device)
+    kv_mask[0, 5] = False
+    got = ops.cross_attn_scores(q, k, kv_mask=kv_mask)
+    want = reference.cross_attn_scores(q.double(), k.double(), kv_mask=kv_mask)
+    assert not want.isnan().any()
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 4, 2, 3, 5, 8), (2, 4, 2, 0, 5, 8), (2, 4, 2, 3, 0, 8)], ids=["B0", "T0", "N0"])
+def test_backward_of_empty_inputs(device, shape):
+    """Zero batch rows, queries or keys: gradients of the inputs' shapes, all zero, like autograd through the
+    reference (which has nothing to differentiate either)."""
+    batch, heads, kv_heads, queries, keys, dim = shape
+    q = torch.randn(batch, heads, queries, dim, device=device, requires_grad=True)
+    k = torch.randn(batch, kv_heads, keys, dim, device=device, requires_grad=True)
+    grad = torch.randn(batch, keys, device=device)
+    grad_q, grad_k = torch.autograd.grad(ops.cross_attn_scores(q, k), (q, k), grad)
+    assert grad_q.shape == q.shape and grad_k.shape == k.shape
+    assert not grad_q.any() and not grad_k.any()
+
+
 @pytest.mark.parametrize("with_masks", [False, True])
 @pytest.mark.parametrize("one_slice_per_block", [False, True])
 def test_gradcheck_backward_formula(with_masks, one_slice_per_block, monkeypatch):

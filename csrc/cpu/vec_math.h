@@ -11,7 +11,7 @@ namespace etc_ext {
 // degree-6 polynomial, relative error below 3e-7. std::exp is a library call and stops the
 // loops around it from vectorizing, which made the softmax pass dominate the CPU kernels.
 inline float exp_nonpositive(float x) {
-  x = std::min(std::max(x, -87.0f), 0.0f);
+  x = std::min(std::max(x, -87.0f), 0.0f);  // a NaN stays NaN (std::max/min return it)
   const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;

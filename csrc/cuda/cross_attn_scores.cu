@@ -66,9 +66,15 @@ __device__ __forceinline__ float row_weight_of(const ScoreArgs& a, int64_t b) {
   return a.row_weight == nullptr ? a.uniform_weight : a.row_weight[b];
 }
 
+// max that returns a NaN operand (fmaxf drops it): a NaN logit must make its row NaN, as in the
+// reference, not vanish from the softmax.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return (a != a || a > b) ? a : b;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    v = nan_max(v, __shfl_xor_sync(0xffffffff, v, offset));
   return v;
 }
 
@@ -145,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
     const float s = visible ? dot_row(tiles, warp, lane, a.dim) : -INFINITY;
     const float tile_max = warp_max(s);
     if (tile_max == -INFINITY) continue;
-    const float new_m = fmaxf(m, tile_max);
+    const float new_m = nan_max(tile_max, m);
     const float e = visible ? __expf(s - new_m) : 0.0f;
     l = l * __expf(m - new_m) + warp_sum(e);
     m = new_m;
@@ -179,7 +185,7 @@ __global__ void __launch_bounds__(kThreads)
     load_query_row(tiles, q, a, b, j, row, warp, lane, &h, &t);
     const int64_t idx = (b * a.heads + h) * a.queries + t;
     const float l = row_sum[idx];
-    const bool visible = key_valid && query_ok(a, b, t) && l > 0.0f && n < key_limit(a, b, t);
+    const bool visible = key_valid && query_ok(a, b, t) && l != 0.0f && n < key_limit(a, b, t);
     if (visible) acc += __expf(dot_row(tiles, warp, lane, a.dim) - row_max[idx]) / l;
     __syncwarp();  // the query slot is overwritten by the next row
   }
@@ -217,7 +223,7 @@ struct MmaShared {
   uint16_t* k;          // [kMmaKeyTile][D + kTilePad]
   float* logits;        // [kRowTile][kLogitStride], unscaled
   float* row_max;       // [kRowTile], of scaled logits
-  float* row_inv_sum;   // [kRowTile], 0 for a row that contributes nothing
+  float* row_inv_sum;   // [kRowTile], 0 for a row that contributes nothing, NaN for a NaN row
   int* row_limit;       // [kRowTile], keys [0, limit) visible; 0 for an invalid row
   int* key_valid;       // [kMmaKeyTile]
   float* col_partial;   // [2][kMmaKeyTile]
@@ -351,11 +357,11 @@ __global__ void __launch_bounds__(kMmaThreads)
     for (int i = 0; i < 32; ++i) {
       const int c = (i + lane) % 32;
       if (sm.key_valid[half * 32 + c] && n0 + half * 32 + c < limit)
-        tile_max = fmaxf(tile_max, logits[c] * a.scale);
+        tile_max = nan_max(logits[c] * a.scale, tile_max);
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    tile_max = nan_max(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
     if (tile_max == -INFINITY) continue;  // the same in both lanes of the row
-    const float new_m = fmaxf(m, tile_max);
+    const float new_m = nan_max(tile_max, m);
     l *= __expf(m - new_m);
     for (int i = 0; i < 32; ++i) {
       const int c = (i + lane) % 32;
@@ -367,7 +373,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   l += __shfl_xor_sync(0xffffffff, l, 1);
   if (half == 0) {
     sm.row_max[my_row] = m;
-    sm.row_inv_sum[my_row] = l > 0.0f ? 1.0f / l : 0.0f;
+    sm.row_inv_sum[my_row] = l != 0.0f ? 1.0f / l : 0.0f;  // NaN stays NaN
   }
 
   // Pass 2: thread (h, c) sums column c over rows [32 h, 32 h + 32).
@@ -385,7 +391,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (sm.key_valid[col]) {
       for (int i = row_half * 32; i < row_half * 32 + 32; ++i) {
         const float inv_sum = sm.row_inv_sum[i];
-        if (inv_sum > 0.0f && n0 + col < sm.row_limit[i])
+        if (inv_sum != 0.0f && n0 + col < sm.row_limit[i])
           acc += __expf(sm.logits[i * kLogitStride + col] * a.scale - sm.row_max[i]) * inv_sum;
       }
     }

@@ -144,6 +144,8 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     softmax backward is dL/ds = p * w * (g - p.g): one elementwise pass over p and two matmuls per block, with the
     softmax scale and the row weight w applied to the [G*T, D] sides of the matmuls instead of to p."""
     q, k, q_mask, kv_mask, q_pos = ctx.saved_tensors
+    if q.numel() == 0 or k.numel() == 0:  # nothing flows back (and no block to iterate over)
+        return torch.zeros_like(q), torch.zeros_like(k), None, None, None, None
     batch, heads, queries, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -160,8 +162,6 @@ def _cross_attn_scores_backward(ctx, grad_scores):
     g = grad_scores.to(dtype)[:, None, None, :]  # (B, 1, 1, N)
 
     needs_grad_q, needs_grad_k = ctx.needs_input_grad[:2]
-    if q.numel() == 0 or k.numel() == 0:  # nothing flows back (and no block to iterate over)
-        return torch.zeros_like(q), torch.zeros_like(k), None, None, None, None
     slice_bytes = group * queries * k.shape[2] * torch.finfo(dtype).bits // 8
     batch_per_block, kv_per_block = _backward_blocks(batch, kv_heads, slice_bytes, q.device)
     # Every (batch row, kv head) is in exactly one block, so the gradients need no zero fill; a single block (the

@@ -93,7 +93,7 @@ struct SharedTiles {
 
 template <typename scalar_t>
 __device__ void load_key_tile(SharedTiles& tiles, const scalar_t* __restrict__ k,
-                              const ScoreArgs& a, int64_t b, int64_t j, int64_t n0) {
+                                  const ScoreArgs& a, int64_t b, int64_t j, int64_t n0) {
   for (int idx = threadIdx.x; idx < kKeyTile * a.dim; idx += kThreads) {
     const int i = idx / a.dim, d = idx % a.dim;
     const int64_t n = n0 + i;
@@ -289,6 +289,17 @@ struct KeyRows {
   }
 };
 
+// The 64 keys [n0, n0 + 64) of kv head (b, j) into the shared tile, and which of them are valid
+// (in range and not masked). Both passes load through here, so they see the same keys.
+template <bool kVector>
+__device__ void load_mma_key_tile(const MmaShared& sm, int ld, const uint16_t* __restrict__ k,
+                                  const ScoreArgs& a, int64_t b, int64_t j, int64_t n0) {
+  load_rows<kVector>(sm.k, ld, static_cast<int>(a.dim), a.k_stride.s3,
+                     KeyRows{k, a.k_stride, b, j, a.keys, n0});
+  if (threadIdx.x < kMmaKeyTile)
+    sm.key_valid[threadIdx.x] = n0 + threadIdx.x < a.keys && key_ok(a, b, n0 + threadIdx.x);
+}
+
 // Unscaled logits of this warp's 16 query rows against the 64 keys of the shared tile.
 template <typename mma_t>
 __device__ void warp_logits(const MmaShared& sm, int ld, int dim, int warp) {
@@ -346,9 +357,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   float m = -INFINITY, l = 0.0f;
   for (int64_t n0 = 0; n0 < a.keys; n0 += kMmaKeyTile) {
     __syncthreads();  // the previous tile is fully read
-    load_rows<kVector>(sm.k, ld, dim, a.k_stride.s3, KeyRows{k, a.k_stride, b, j, a.keys, n0});
-    if (threadIdx.x < kMmaKeyTile)
-      sm.key_valid[threadIdx.x] = n0 + threadIdx.x < a.keys && key_ok(a, b, n0 + threadIdx.x);
+    load_mma_key_tile<kVector>(sm, ld, k, a, b, j, n0);
     __syncthreads();
     warp_logits<mma_t>(sm, ld, dim, warp);
     const int64_t limit = sm.row_limit[my_row];
@@ -381,9 +390,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   const float weight = row_weight_of(a, b);
   for (int64_t n0 = 0; n0 < a.keys; n0 += kMmaKeyTile) {
     __syncthreads();  // row statistics written; the previous tile fully read
-    load_rows<kVector>(sm.k, ld, dim, a.k_stride.s3, KeyRows{k, a.k_stride, b, j, a.keys, n0});
-    if (threadIdx.x < kMmaKeyTile)
-      sm.key_valid[threadIdx.x] = n0 + threadIdx.x < a.keys && key_ok(a, b, n0 + threadIdx.x);
+    load_mma_key_tile<kVector>(sm, ld, k, a, b, j, n0);
     __syncthreads();
     warp_logits<mma_t>(sm, ld, dim, warp);
     __syncthreads();  // every warp's logits are in

@@ -26,6 +26,7 @@ from etc_ext.models.llava import (
     apply_etc,
     from_pretrained,
     instruction_target,
+    prepare_inputs,
     remove_etc,
     save_pretrained,
 )
@@ -235,10 +236,7 @@ def test_two_pass_prefill_matches_the_masked_pass(case):
     spans = find_image_spans(inputs["input_ids"] == IMAGE, [N] * len(inputs["pixel_values"]))
     layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, inputs["attention_mask"])
     with torch.no_grad():
-        prepared = model._etc_inputs(
-            inputs["input_ids"], inputs["pixel_values"], None, inputs["attention_mask"], None,
-            inputs["input_ids"] == IMAGE, None, None, None,
-        )  # fmt: skip
+        prepared = prepare_inputs(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
         out = etc_prefill(
             model._etc_run_language_model, prepared.layout, prepared.inputs_embeds, ETCCache(config=model.config),
             "sdpa", inputs["input_ids"].shape[1],

@@ -17,7 +17,7 @@ from torch import nn
 from .. import __version__
 from ..compress import CompressionTokens, ImageSpans, right_aligned_index
 from ..config import ETCConfig
-from ..distill import DistillHead, resolve_target_layer
+from ..distill import DistillHead, adapter_layers, resolve_target_layer
 
 __all__ = [
     "ETC_CONFIG_NAME",
@@ -31,6 +31,7 @@ __all__ = [
     "uninstall_etc",
     "etc_subclass",
     "frozen_teacher",
+    "snapshot_teacher",
     "instruction_index",
     "check_etc_inputs",
     "save_pretrained",
@@ -110,27 +111,18 @@ def _get_etc(model: nn.Module) -> ETCModules:
     return etc
 
 
-def install_etc(
-    model: nn.Module,
-    config: Optional[ETCConfig],
-    model_class: type,
-    etc_class: Callable[[type], type],
-    vision_tower: Callable[[nn.Module], nn.Module],
-    num_visual_tokens: int,
-    position_grid: Optional[tuple[int, int]] = None,
-) -> nn.Module:
-    """The body of the integrations' `apply_etc`: check the model, fill in and check the config, register
-    `model.etc` on the model's device and dtype, freeze the vision tower (`config.freeze_vision_tower`) and swap the
-    class to `etc_class(type(model))`. Returns `model` (a peft wrapper stays around the patched model).
+def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) -> nn.Module:
+    """The body of every `apply_etc`: check the model, fill in and check the config, register `model.etc` on the
+    model's device and dtype, freeze the vision tower (`config.freeze_vision_tower`) and swap the class to the ETC
+    class (`etc_class`, or a class deriving from it and a user's subclass). Returns `model` (a peft wrapper stays
+    around the patched model).
 
     Args:
-        model_class: the Hugging Face class the integration supports.
-        vision_tower: returns the vision tower of the (unwrapped) model.
-        num_visual_tokens: `ETCConfig.num_visual_tokens` of this model (N, or the decoder's position grid size).
-        position_grid: see `ETCModules`.
+        etc_class: the backbone's `ETCMixin` class; its `etc_base_class` is the Hugging Face class it extends.
     """
     config = copy.deepcopy(config) if config is not None else ETCConfig()
     base = unwrap_peft(model)
+    model_class = etc_class.etc_base_class
     if not isinstance(base, model_class):
         raise TypeError(f"apply_etc expects a {model_class.__name__}, got {type(base).__name__}")
     if isinstance(getattr(base, "etc", None), ETCModules):
@@ -138,6 +130,7 @@ def install_etc(
     if getattr(base, "baseline", None) is not None:
         raise ValueError("a training-free baseline is applied to this model (etc_ext.baselines.remove_baseline first)")
     text_config = base.config.get_text_config()
+    num_visual_tokens, position_grid = etc_class.etc_visual_token_count(base.config)
     expected = {"hidden_size": text_config.hidden_size, "num_visual_tokens": num_visual_tokens}
     for name, value in expected.items():
         if getattr(config, name) is None:
@@ -152,35 +145,40 @@ def install_etc(
     )
     etc.to(device=embeddings.device, dtype=embeddings.dtype)
     etc.original_class = type(base)
-    tower = vision_tower(base)
+    base.__class__ = etc_subclass(type(base), etc_class)
+    tower = base._etc_vision_tower()
     etc.vision_requires_grad = [p.requires_grad for p in tower.parameters()]
     if config.freeze_vision_tower:
         tower.requires_grad_(False)
     base.etc = etc
-    base.__class__ = etc_class(type(base))
     return model
 
 
-def uninstall_etc(model: nn.Module, vision_tower: Callable[[nn.Module], nn.Module]) -> nn.Module:
+def uninstall_etc(model: nn.Module) -> nn.Module:
     """The body of `remove_etc`: drop `model.etc` (and the teacher snapshot), restore the class and the vision
     tower's `requires_grad`. Returns `model`."""
     base = unwrap_peft(model)
     etc = getattr(base, "etc", None)
     if not isinstance(etc, ETCModules):
         raise ValueError("remove_etc: ETC is not applied to this model")
-    for param, requires_grad in zip(vision_tower(base).parameters(), etc.vision_requires_grad):
+    for param, requires_grad in zip(base._etc_vision_tower().parameters(), etc.vision_requires_grad):
         param.requires_grad_(requires_grad)
     base.__class__ = etc.original_class
     del base.etc
     return model
 
 
-def etc_subclass(cls: type, etc_base: type, registry: dict) -> type:
-    """The ETC class for `cls`: `etc_base` for the class it extends, else (a user's subclass of that class) a class
-    deriving from both, made once and kept in `registry`."""
-    if cls not in registry:
-        registry[cls] = type(f"ETC{cls.__name__}", (etc_base, cls), {})
-    return registry[cls]
+_ETC_SUBCLASSES: dict = {}
+
+
+def etc_subclass(cls: type, etc_class: type) -> type:
+    """The ETC class for `cls`: `etc_class` for the class it extends, else (a user's subclass of that class) a class
+    deriving from both, made once and kept."""
+    if cls is etc_class.etc_base_class:
+        return etc_class
+    if (etc_class, cls) not in _ETC_SUBCLASSES:
+        _ETC_SUBCLASSES[etc_class, cls] = type(f"ETC{cls.__name__}", (etc_class, cls), {})
+    return _ETC_SUBCLASSES[etc_class, cls]
 
 
 def frozen_teacher(model: nn.Module, modules: Callable[[nn.Module], dict]) -> FrozenTeacher:
@@ -196,6 +194,16 @@ def frozen_teacher(model: nn.Module, modules: Callable[[nn.Module], dict]) -> Fr
     if next(teacher.parameters()).device != device:
         teacher.to(device)
     return teacher
+
+
+def snapshot_teacher(model: nn.Module) -> FrozenTeacher:
+    """The frozen teacher of `teacher="frozen"` under full fine-tuning: a copy of the modules the teacher runs (the
+    backbone's `_etc_teacher_modules`: the language model, and what encodes the images when it trains), taken the
+    first time the teacher runs (the first training forward, or `instruction_target`); call this earlier to take it
+    from the weights as they are now. It is not a submodule: it neither trains nor saves, and it follows the
+    language model's device."""
+    _get_etc(model)
+    return frozen_teacher(model, lambda base: base._etc_teacher_modules())
 
 
 def instruction_index(
@@ -261,18 +269,19 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, save
 def from_pretrained(
     model: nn.Module,
     load_directory: str | os.PathLike,
-    apply_etc: Callable[[nn.Module, ETCConfig], nn.Module],
+    apply_etc: Optional[Callable[[nn.Module, ETCConfig], nn.Module]] = None,
     *,
     load_base_weights: bool = True,
     is_trainable: bool = False,
-    before_loading_weights: Optional[Callable[[nn.Module], None]] = None,
 ) -> nn.Module:
     """Load ETC's parts saved by `save_pretrained` into `model` and return it (wrapped in a `PeftModel` when the
     checkpoint holds adapters and `model` is not one yet).
 
-    `apply_etc` is the integration's function: it is called when `model` has no ETC parts yet. A model that already
-    has them must have the same config. `before_loading_weights(model)` runs after ETC is applied and before any
-    weight is loaded (the LLaVA integration takes the frozen teacher's snapshot there when training resumes).
+    `apply_etc` (default: the one of the model's integration, `loading.integration_for`) is called when `model` has
+    no ETC parts yet. A model that already
+    has them must have the same config. `model` is the starting model: with `is_trainable=True` (resuming
+    training), teacher="frozen" and full fine-tuning, the frozen teacher is snapshotted from it before the fine-tuned
+    weights are loaded, so the teacher stays the starting model.
 
     Raises:
         ValueError: a missing file, a config that differs from the model's ETC config or does not fit the model
@@ -287,6 +296,10 @@ def from_pretrained(
     base = unwrap_peft(model)
     existing = getattr(base, "etc", None)
     if existing is None:
+        if apply_etc is None:
+            from .loading import integration_for
+
+            apply_etc = integration_for(model).apply_etc
         apply_etc(model, copy.deepcopy(config))
     else:
         differences = existing.config.differences(config)
@@ -296,9 +309,10 @@ def from_pretrained(
                 + "; ".join(f"model {d.replace(' != ', ', checkpoint ')}" for d in differences)
                 + "). Load into a model without ETC (remove_etc(model)) or apply the checkpoint's config."
             )
-    if before_loading_weights is not None:
-        before_loading_weights(model)
     etc = _get_etc(model)
+    config = etc.config
+    if is_trainable and config.teacher == "frozen" and config.loss != "none" and not adapter_layers(model):
+        snapshot_teacher(model)
     device = etc.compression_tokens.weight.device
     _load_into(etc, load_file(weights_path, device=str(device)), "ETC parts", strict=True)
 

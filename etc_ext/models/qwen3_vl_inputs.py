@@ -1,0 +1,177 @@
+"""Qwen3-VL's visual inputs for ETC: the encoder's outputs in placeholder order, ETC's units (an image, or one
+temporal group of a video) and their token grids, and the checks of `mm_token_type_ids`."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compress import ImageSpans, find_image_spans
+
+# mm_token_type_ids values (Qwen3-VL's processor): text, image, video.
+MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2
+
+
+@dataclass
+class VisualFeatures:
+    """Encoder outputs flattened in placeholder order: what goes into the visual positions of the user's sequence."""
+
+    image: Optional[torch.Tensor]  # (n_image_tokens, H)
+    video: Optional[torch.Tensor]  # (n_video_tokens, H)
+    image_deepstack: Optional[torch.Tensor]  # (n_image_tokens, K, H): one feature per DeepStack layer
+    video_deepstack: Optional[torch.Tensor]  # (n_video_tokens, K, H)
+
+
+def check_mm_token_type_ids(mm_token_type_ids, image_mask, video_mask) -> None:
+    if mm_token_type_ids is None:
+        raise ValueError(
+            "ETC on Qwen3-VL needs mm_token_type_ids (the processor returns it with input_ids: 0 text, 1 image, "
+            "2 video) for the M-RoPE positions"
+        )
+    if mm_token_type_ids.shape != image_mask.shape:
+        raise ValueError(
+            f"mm_token_type_ids must have the shape of input_ids {list(image_mask.shape)}, "
+            f"got {list(mm_token_type_ids.shape)}"
+        )
+    images, videos = mm_token_type_ids == MM_IMAGE, mm_token_type_ids == MM_VIDEO
+    if not (torch.equal(images, image_mask) and torch.equal(videos, video_mask)):
+        raise ValueError(
+            "mm_token_type_ids do not match input_ids: they must be 1 exactly at the image tokens and 2 exactly at "
+            "the video tokens"
+        )
+
+
+def _concat(outputs):
+    if outputs is None:
+        return None, None
+    pooled = torch.cat(list(outputs.pooler_output), dim=0)  # (n, H)
+    deepstack = getattr(outputs, "deepstack_features", None)
+    if not deepstack:
+        return pooled, None
+    return pooled, torch.stack([torch.cat(list(layer), dim=0) for layer in deepstack], dim=1)  # (n, K, H)
+
+
+def flatten_features(image_outputs, video_outputs) -> VisualFeatures:
+    image, image_deepstack = _concat(image_outputs)
+    video, video_deepstack = _concat(video_outputs)
+    return VisualFeatures(image=image, video=video, image_deepstack=image_deepstack, video_deepstack=video_deepstack)
+
+
+def detached(features: VisualFeatures) -> VisualFeatures:
+    return VisualFeatures(
+        **{name: None if value is None else value.detach() for name, value in vars(features).items()}
+    )
+
+
+def encode_with(visual: nn.Module, pixel_inputs: dict, features: VisualFeatures) -> VisualFeatures:
+    """Encode the pixels with a given vision tower (a frozen teacher's), as `Qwen3VLModel.get_image_features`;
+    `features` tell which modalities the batch has."""
+    outputs = {}
+    for modality, pixels, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        outputs[modality] = None
+        if getattr(features, modality) is None:
+            continue
+        if pixel_inputs.get(pixels) is None:
+            raise ValueError(f"ETC: the frozen teacher's vision tower needs {pixels} (not pre-encoded features)")
+        grid_thw = pixel_inputs[grid]
+        encoded = visual(pixel_inputs[pixels].type(visual.dtype), grid_thw=grid_thw, return_dict=True)
+        sizes = (grid_thw.prod(-1) // visual.spatial_merge_size**2).tolist()
+        encoded.pooler_output = torch.split(encoded.pooler_output, sizes)
+        encoded.deepstack_features = [torch.split(f, sizes) for f in encoded.deepstack_features]
+        outputs[modality] = encoded
+    return flatten_features(outputs["image"], outputs["video"])
+
+
+def scatter_features(embedding, input_ids, image_mask, video_mask, features: VisualFeatures):
+    """The user's embeddings `(B, L, H)` with the visual features at the placeholders, and the DeepStack features
+    `(B, L, K, H)` (zeros elsewhere; None without DeepStack)."""
+    inputs_embeds = embedding(input_ids)  # (B, L, H)
+    deepstack = None
+    for mask, values, stacked in (
+        (image_mask, features.image, features.image_deepstack),
+        (video_mask, features.video, features.video_deepstack),
+    ):
+        if values is None:
+            continue
+        inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], values.to(inputs_embeds.dtype))
+        if stacked is not None:
+            if deepstack is None:
+                deepstack = inputs_embeds.new_zeros(*input_ids.shape, stacked.shape[1], inputs_embeds.shape[-1])
+            deepstack = deepstack.masked_scatter(mask[..., None, None], stacked.to(inputs_embeds.dtype))
+    return inputs_embeds, deepstack
+
+
+def visual_spans(image_mask, video_mask, image_counts, video_counts) -> tuple[ImageSpans, list, list]:
+    """Split the visual placeholders into ETC's units, in sequence order (row by row): each image is one unit of
+    `image_counts[i]` tokens; each video is cut into its runs of placeholders (its temporal groups, which the
+    processor separates with timestamp text). Returns the spans and, per unit, its kind ("image" / "video") and the
+    index of its image / video."""
+    for name, mask, counts in (("image", image_mask, image_counts), ("video", video_mask, video_counts)):
+        total = int(mask.sum())
+        if total == 0 and counts:
+            raise ValueError(
+                f"The prompts contain no {name} token but {len(counts)} {name}(s) were given: each needs its "
+                "placeholder tokens in input_ids."
+            )
+        if total != sum(counts):
+            given = f"{len(counts)} {name}(s) giving {sum(counts)} features" if counts else "no pixel values"
+            raise ValueError(
+                f"{name.capitalize()} tokens and {name} features do not match: the prompts contain {total} {name} "
+                f"tokens, got {given} ({counts} per {name})."
+            )
+    # Runs of placeholders of one kind, row-major: (row, length, kind).
+    kind = image_mask.long() + 2 * video_mask.long()  # (B, L): 0 text, 1 image, 2 video
+    previous = torch.nn.functional.pad(kind[:, :-1], (1, 0))
+    starts = (kind > 0) & (kind != previous)
+    run_id = starts.flatten().long().cumsum(0).view_as(kind) - 1
+    visual = kind > 0
+    lengths = torch.bincount(run_id[visual], minlength=int(starts.sum())).tolist()
+    run_kinds = kind[starts].tolist()
+
+    counts, kinds, sources = [], [], []
+    images = iter(enumerate(image_counts))
+    video_index, video_left = -1, 0
+    for length, run_kind in zip(lengths, run_kinds):
+        remaining = length
+        while remaining > 0:
+            if run_kind == 1:
+                index, count = next(images)
+                if count > remaining:
+                    raise ValueError(
+                        f"Image {index}'s {count} tokens are not one contiguous run of image tokens within one row"
+                    )
+                counts.append(count), kinds.append("image"), sources.append(index)
+                remaining -= count
+            else:
+                if video_left == 0:
+                    video_index += 1
+                    video_left = video_counts[video_index]
+                take = min(remaining, video_left)
+                counts.append(take), kinds.append("video"), sources.append(video_index)
+                remaining -= take
+                video_left -= take
+    spans = find_image_spans(image_mask | video_mask, counts)
+    for v in range(len(video_counts)):
+        video_rows = {int(spans.row[k]) for k in range(len(counts)) if kinds[k] == "video" and sources[k] == v}
+        if len(video_rows) > 1:
+            raise ValueError(f"Video {v}'s tokens are spread over several rows of input_ids")
+    return spans, kinds, sources
+
+
+def span_grids(spans, kinds, sources, image_grid_thw, video_grid_thw, merge, has_images, has_videos):
+    """`(I, 3)` `(t, h, w)` grid of visual tokens of each unit, or None when a needed grid was not given."""
+    if (has_images and image_grid_thw is None) or (has_videos and video_grid_thw is None):
+        return None
+    grids = []
+    for k, (kind, source) in enumerate(zip(kinds, sources)):
+        t, h, w = (image_grid_thw if kind == "image" else video_grid_thw)[source].tolist()
+        h, w = h // merge, w // merge
+        count = int(spans.num_tokens[k])
+        if count % (h * w):
+            raise ValueError(f"A {kind} run of {count} tokens does not fit the {kind}'s {h} x {w} token grid")
+        grids.append((count // (h * w), h, w))
+    return torch.tensor(grids, dtype=torch.long, device=spans.row.device).view(-1, 3)

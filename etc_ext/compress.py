@@ -450,6 +450,11 @@ class ETCCacheState:
     def prefill_length(self) -> int:
         return self.attention_mask.shape[1]
 
+    def covered_length(self, cache_length: int) -> int:
+        """How many tokens of the user's sequence a cache of `cache_length` entries holds: the prefill's input,
+        then one token per entry added since."""
+        return self.input_length + cache_length - self.prefill_length
+
     def decode_inputs(
         self,
         cache_length: int,
@@ -565,6 +570,7 @@ def segmented_prefill(
     inputs_embeds: torch.Tensor,
     cache: DynamicCache,
     token_inputs: Optional[dict[str, torch.Tensor]] = None,
+    past_valid: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill with plain causal passes and cache compaction, no custom mask (PAPER.md, "Architecture").
 
@@ -578,9 +584,11 @@ def segmented_prefill(
         run_language_model: see `RunLanguageModel`; called with 2-D padding masks.
         layout: from `insert_compression_tokens`; `can_segment(layout)` must hold.
         inputs_embeds: `(B, Lx, H)` extended embeddings.
-        cache: an empty `DynamicCache`, filled in place.
+        cache: a `DynamicCache`, filled in place: empty, or holding earlier turns (then `past_valid` tells which
+            of its entries are real, and the new tokens' positions in `layout` continue the cached ones).
         token_inputs: optional per-token extras `(B, Lx, ...)` in the extended layout; each pass receives them
             gathered for its tokens `(B, S, ...)` (zeros / False at padding) as keyword arguments.
+        past_valid: bool `(B, C)` validity of the entries `cache` holds already (None: an empty cache).
 
     Returns:
         hidden_states `(B, S, H)` of the last pass, its extended `index` `(B, S)` (-1 = padding), and the cache's
@@ -592,6 +600,8 @@ def segmented_prefill(
     num_segments = int(layout.num_images[0]) + 1
     batch_size = layout.batch_size
     cache_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=inputs_embeds.device)
+    if past_valid is not None:
+        cache_valid = past_valid.to(device=inputs_embeds.device, dtype=torch.bool)
     hidden_states = index = None
     for segment in range(num_segments):
         select = layout.attention_mask & (segments == segment)
@@ -648,20 +658,32 @@ def etc_prefill(
     input_length: int,
     method: str = "auto",
     token_inputs: Optional[dict[str, torch.Tensor]] = None,
+    past_valid: Optional[torch.Tensor] = None,
+    past_offset: Optional[torch.Tensor] = None,
 ) -> PrefillOutput:
     """Fill `cache` with the compressed prefill of a batch and record its `ETCCacheState`.
 
     Args:
         method: "segmented" (plain causal passes), "masked" (one pass under the bottleneck mask), or "auto":
             segmented when `can_segment(layout)`, else masked.
-        input_length: L, the user's sequence length (for decoding with generate()'s 2-D mask).
+        input_length: L, the user's sequence length (for decoding with generate()'s 2-D mask), earlier turns
+            included.
         token_inputs: per-token extras `(B, Lx, ...)` for `run_language_model` (see `segmented_prefill`).
+        past_valid: for a cache that holds earlier turns, the bool `(B, C)` validity of its entries; `layout` is
+            then the new tokens' (positions continuing the cache's), and only the segmented prefill applies.
+        past_offset: `(B,)` the position offset of the earlier turns' images (`ETCCacheState.position_offset`).
     """
     if method == "auto":
         method = "segmented" if can_segment(layout) else "masked"
+    if past_valid is not None and method != "segmented":
+        raise NotImplementedError(
+            "ETC: adding images to a non-empty cache needs the segmented prefill: the same number of new images in "
+            "every row of the batch (and text after the last one in every row or in none). Continue such rows one "
+            "at a time."
+        )
     if method == "segmented":
         hidden_states, index, cache_valid = segmented_prefill(
-            run_language_model, layout, inputs_embeds, cache, token_inputs
+            run_language_model, layout, inputs_embeds, cache, token_inputs, past_valid
         )
     elif method == "masked":
         hidden_states, index, cache_valid = masked_prefill(
@@ -672,10 +694,13 @@ def etc_prefill(
     # Each row's last real token: the largest extended index among the last pass's columns.
     last_column = index.argmax(dim=-1)  # (B,)
     rows = torch.arange(layout.batch_size, device=index.device)
+    position_offset = layout.num_compression_tokens * layout.num_images
+    if past_offset is not None:
+        position_offset = position_offset + past_offset.to(position_offset.device)
     state = ETCCacheState(
         attention_mask=cache_valid,
         input_length=input_length,
-        position_offset=layout.num_compression_tokens * layout.num_images,
+        position_offset=position_offset,
         next_position=layout.next_position(),
     )
     cache.etc_state = state

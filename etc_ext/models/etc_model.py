@@ -133,14 +133,11 @@ class ETCMixin:
             return original_forward(**base_kwargs)
 
         has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
-        if getattr(cache, "etc_state", None) is not None:  # decoding: new tokens are text (an image token id too)
-            if has_visual_inputs:
-                raise NotImplementedError(
-                    "ETC: adding images to a cache that already holds a compressed prefill is not supported; "
-                    "start a new cache for a prompt with images."
-                )
-            base_kwargs.update(self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache))
-            return original_forward(**base_kwargs)
+        if getattr(cache, "etc_state", None) is not None:  # a cache holding a compressed prefill: continue it
+            return self._etc_continue(
+                original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask,
+                position_ids, cache, has_visual_inputs, etc_prefill_method, kwargs,
+            )  # fmt: skip
         visual_token_mask = None if input_ids is None else self._etc_visual_token_mask(input_ids)
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())
         if not has_visual_inputs and not has_visual_tokens:
@@ -160,6 +157,110 @@ class ETCMixin:
         if prefill:
             return self._etc_prefill(prepared, input_ids.shape[1], cache, etc_prefill_method or self.etc.prefill_method)
         return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs)
+
+    def _etc_continue(
+        self, original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask, position_ids,
+        cache, has_visual_inputs, etc_prefill_method, kwargs,
+    ):  # fmt: skip
+        """New tokens on a cache that holds a compressed prefill: decoding, the question after a reused image cache,
+        or a later turn of a conversation (with or without new images).
+
+        `input_ids` may be the whole conversation or only its new tokens: the cache knows how many user tokens it
+        holds (`ETCCacheState.covered_length`), and `attention_mask` (when given) covers the whole conversation, as
+        generate() makes it; the new tokens are the last `mask length - covered` columns. Images already in the
+        cache may be passed again (generate() re-sends the conversation's pixel values) or not: only the new
+        images' placeholders are compressed, against the cache."""
+        if input_ids is None:
+            raise ValueError("ETC: continuing a compressed cache needs input_ids (not inputs_embeds)")
+        if kwargs.get("labels") is not None:
+            raise ValueError("ETC: labels go with the training forward (no cache)")
+        state = cache.etc_state
+        cache_length = cache.get_seq_length()
+        covered = state.covered_length(cache_length)
+        new = self._etc_new_token_count(input_ids, attention_mask, covered)
+        total = covered + new
+        input_ids = input_ids[:, -new:]
+        if position_ids is not None:
+            position_ids = position_ids[..., -new:]
+        visual_token_mask = self._etc_visual_token_mask(input_ids)
+        decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
+        mask, positions = decode_inputs["attention_mask"], decode_inputs["position_ids"]
+        if not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
+            base_kwargs.update({name: None for name in visual_kwargs}, mm_encoder_outputs=None)
+            base_kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+            return original_forward(**base_kwargs)
+        if not has_visual_inputs:
+            raise ValueError("ETC: the new tokens contain image tokens but no pixel values were given")
+
+        # New images: compress them against the cache (segmented prefill of the new tokens).
+        past_images = state.position_offset // self.etc.config.num_compression_tokens  # (B,)
+        visual_inputs = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
+        prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs)
+        prefill = etc_prefill(
+            self._etc_run_language_model,
+            prepared.layout,
+            prepared.inputs_embeds,
+            cache,
+            self.model.language_model.config._attn_implementation,
+            input_length=total,
+            method=etc_prefill_method or self.etc.prefill_method,
+            token_inputs=prepared.token_inputs,
+            past_valid=mask[:, :cache_length].bool(),
+            past_offset=state.position_offset,
+        )
+        logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
+        return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
+
+    @staticmethod
+    def _etc_new_token_count(input_ids, attention_mask, covered: int) -> int:
+        """How many of the last columns of `input_ids` the cache does not hold yet: with `attention_mask` (the
+        whole conversation's, as generate() grows it), its width minus `covered`; without one, every column
+        (generate() slices the conversation itself, see `prepare_inputs_for_generation`)."""
+        given = input_ids.shape[1]
+        new = attention_mask.shape[1] - covered if attention_mask is not None else given
+        if not 0 < new <= given:
+            raise ValueError(
+                f"ETC: the cache holds {covered} tokens of the conversation, so {new} of the {given} columns of "
+                "input_ids are new: pass the whole conversation (or its new tokens) with an attention_mask over the "
+                "whole conversation."
+            )
+        return new
+
+    def _etc_new_images(self, visual_inputs: dict, visual_token_mask, past_images) -> dict:
+        """`visual_inputs` restricted to the images of the new tokens: all of them when only those were passed,
+        else (the whole conversation's, as generate() re-sends them) each row's images after its cached ones."""
+        spans_per_row = self._etc_count_images(visual_token_mask)  # (B,) new images per row
+        given = self._etc_num_images(visual_inputs)
+        new_total, past_total = int(spans_per_row.sum()), int(past_images.sum())
+        if given == new_total:
+            return visual_inputs
+        if given != new_total + past_total:
+            raise ValueError(
+                f"ETC: the new tokens hold {new_total} image(s) and the cache {past_total}; got {given} image(s): pass "
+                "either the new images only or every image of the conversation"
+            )
+        index, start = [], 0
+        for row_past, row_new in zip(past_images.tolist(), spans_per_row.tolist()):
+            index += range(start + row_past, start + row_past + row_new)
+            start += row_past + row_new
+        return self._etc_select_images(visual_inputs, index)
+
+    def _etc_count_images(self, visual_token_mask: torch.Tensor) -> torch.Tensor:
+        """`(B,)` runs of visual tokens per row (one per image)."""
+        starts = visual_token_mask & ~torch.nn.functional.pad(visual_token_mask[:, :-1], (1, 0))
+        return starts.sum(-1)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
+        """generate() feeds the tokens its cache does not hold, counting them as `input_ids` minus the cache's
+        length; an ETC cache holds fewer entries than the tokens it covers (M per image instead of N), so count
+        with what it covers."""
+        state = getattr(cache, "etc_state", None)
+        if state is not None and next_sequence_length is not None and self.etc.enabled:
+            next_sequence_length = input_ids.shape[1] - state.covered_length(cache.get_seq_length())
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+        )
 
     def _etc_language_model(self, language_model, inputs_embeds, attention_mask, position_ids, cache, token_inputs,
                             **kwargs):  # fmt: skip
@@ -394,6 +495,17 @@ class ETCMixin:
 
     def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCInputs:
         """Encode the images and build the extended inputs (`ETCInputs`)."""
+        raise NotImplementedError
+
+    def _etc_num_images(self, visual_inputs: dict) -> int:
+        """How many images `visual_inputs` holds (for images added to a compressed cache)."""
+        raise NotImplementedError(
+            f"ETC: adding images to a cache that holds a compressed prefill is not implemented for "
+            f"{self.etc_base_class.__name__} yet; prefill the whole conversation into a new cache instead."
+        )
+
+    def _etc_select_images(self, visual_inputs: dict, index: list) -> dict:
+        """`visual_inputs` with only the images at `index` (in the order images are given)."""
         raise NotImplementedError
 
     def _etc_token_kwargs(self, **token_inputs) -> dict:

@@ -14,6 +14,7 @@ the VID decoder and variances), freezes the vision tower, and makes the model an
 The user's prompts and the processor's outputs stay as they are: the model inserts the compression tokens itself.
 """
 
+import copy
 from typing import Optional
 
 import torch
@@ -112,6 +113,22 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both")
         if not self._etc_has_visual_inputs(visual_inputs):
             raise ValueError("ETC: input_ids contain image tokens but no pixel_values were given")
+
+    def _etc_num_images(self, visual_inputs: dict) -> int:
+        encoded = visual_inputs.get("encoded_images")
+        return len(encoded.pooler_output) if encoded is not None else len(visual_inputs["pixel_values"])
+
+    def _etc_select_images(self, visual_inputs: dict, index: list) -> dict:
+        selected = dict(visual_inputs)
+        encoded = visual_inputs.get("encoded_images")
+        if encoded is not None:
+            selected["encoded_images"] = copy.copy(encoded)
+            selected["encoded_images"].pooler_output = [encoded.pooler_output[i] for i in index]
+        else:
+            selected["pixel_values"] = visual_inputs["pixel_values"][index]
+            if visual_inputs.get("image_sizes") is not None:
+                selected["image_sizes"] = visual_inputs["image_sizes"][index]
+        return selected
 
     def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCInputs:
         """Image features (from pixel_values, or as generate() encoded them), the extended layout and embeddings."""

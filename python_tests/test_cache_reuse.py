@@ -1,0 +1,169 @@
+"""A compressed image cache reused across questions and turns: the transformers prompt-cache pattern, multi-turn
+continuation (with new images in later turns), beam search and generate(use_cache=False), on LLaVA and Qwen3-VL."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import test_llava_etc as llava_helpers
+import test_qwen3_vl_etc as qwen_helpers
+from etc_ext.models import llava, qwen3_vl
+
+STEPS = 5
+
+
+def greedy(model, **inputs):
+    return model.generate(
+        **inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+
+
+def assert_same_generation(reused, fresh):
+    """Same tokens under greedy, logits within fp tolerance at every step."""
+    assert torch.equal(reused.sequences, fresh.sequences)
+    for step, (a, b) in enumerate(zip(reused.logits, fresh.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
+def prefix_cache(model, inputs, length):
+    """The transformers pattern: prefill the prompt up to `length` (ending after the image) into a cache."""
+    prefix = {k: v[:, :length] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in inputs.items()}  # fmt: skip
+    with torch.no_grad():
+        return model(**prefix, cache=DynamicCache(), use_cache=True).cache
+
+
+# ============================================================================ LLaVA
+LLAVA_N = llava_helpers.N
+
+
+def llava_model(**changes):
+    return llava.apply_etc(llava_helpers.tiny_llava(), llava_helpers.small_config(**changes))
+
+
+@pytest.mark.parametrize("rows", [[[2, "I", 5]], [[2, "I", 4], [2, "I", 4]], [[2, "I", 1, "I", 6]]])
+def test_llava_prompt_cache_reuse_equals_a_fresh_generate(rows):
+    model = llava_model()
+    first, _ = llava_helpers.make_batch(rows, seed=1)
+    # A second question about the same image(s): same prefix, other question tokens.
+    second, _ = llava_helpers.make_batch(rows, seed=2)
+    prefix_length = len(rows[0]) and (first["input_ids"][0] == llava_helpers.IMAGE).nonzero().max().item() + 1
+    second["input_ids"][:, :prefix_length] = first["input_ids"][:, :prefix_length]
+    second["pixel_values"] = first["pixel_values"]
+    cache = prefix_cache(model, first, prefix_length)
+    with torch.no_grad():
+        for question in (first, second):
+            reused = greedy(model, **question, cache=copy.deepcopy(cache))
+            assert_same_generation(reused, greedy(model, **question))
+    # The reused cache was copied, never touched: it still holds only the prefix.
+    assert cache.get_seq_length() == cache.etc_state.prefill_length
+
+
+@pytest.mark.parametrize("new_images", ["none", "all_images_passed", "only_new_images_passed"])
+def test_llava_multi_turn_equals_prefilling_the_whole_conversation(new_images):
+    model = llava_model()
+    turn1, _ = llava_helpers.make_batch([[2, "I", 5]], seed=1)
+    turn2_rows = [[3]] if new_images == "none" else [[3, "I", 4]]
+    turn2, _ = llava_helpers.make_batch(turn2_rows, seed=3)
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
+        pixel_values = turn1["pixel_values"]
+        if new_images == "all_images_passed":
+            pixel_values = torch.cat([turn1["pixel_values"], turn2["pixel_values"]])
+        inputs = {"input_ids": conversation, "attention_mask": torch.ones_like(conversation)}
+        passed = pixel_values if new_images != "only_new_images_passed" else turn2["pixel_values"]
+        continued = greedy(model, **inputs, pixel_values=passed, cache=answer1.cache)
+        all_images = pixel_values if new_images == "none" else torch.cat([turn1["pixel_values"], turn2["pixel_values"]])
+        assert_same_generation(continued, greedy(model, **inputs, pixel_values=all_images))
+    # M entries per image in every layer: the cache never held the new image's N visual tokens.
+    images = 1 + (new_images != "none")
+    expected = conversation.shape[1] - images * (LLAVA_N - 2) + STEPS - 1
+    assert all(layer.keys.shape[2] == expected for layer in continued.cache.layers)
+
+
+def test_llava_continuation_with_padding_keeps_each_row_apart():
+    """A left-padded batch continued by a second turn with the whole conversation's attention mask."""
+    model = llava_model()
+    turn1, _ = llava_helpers.make_batch([[2, "I", 3], [2, "I", 6]], seed=1)
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        follow_up = torch.randint(3, 90, (2, 4), generator=torch.Generator().manual_seed(7))
+        conversation = torch.cat([answer1.sequences, follow_up], dim=1)
+        mask = torch.cat([turn1["attention_mask"], torch.ones(2, STEPS + 4, dtype=torch.long)], dim=1)
+        inputs = {"input_ids": conversation, "attention_mask": mask, "pixel_values": turn1["pixel_values"]}
+        assert_same_generation(greedy(model, **inputs, cache=answer1.cache), greedy(model, **inputs))
+
+
+def test_llava_beam_search_and_uncached_generate_match_the_cached_greedy_path():
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch(llava_helpers.CHAT)
+    with torch.no_grad():
+        # use_cache=False re-runs the masked single pass over the growing sequence: the oracle of the prefill.
+        uncached = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, use_cache=False)
+        assert torch.equal(uncached, greedy(model, **inputs).sequences)
+        beams = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, num_beams=3)
+        beams_uncached = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, num_beams=3, use_cache=False)
+    assert torch.equal(beams, beams_uncached)
+
+
+def test_llava_continuation_errors_are_clear():
+    model = llava_model()
+    turn1, _ = llava_helpers.make_batch([[2, "I", 5]], seed=1)
+    turn2, _ = llava_helpers.make_batch([[3, "I", 4]], seed=3)
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
+        mask = torch.ones_like(conversation)
+        with pytest.raises(ValueError, match="no pixel values"):
+            model(input_ids=conversation, attention_mask=mask, cache=copy.deepcopy(answer1.cache))
+        three = torch.cat([turn1["pixel_values"]] * 3)
+        with pytest.raises(ValueError, match="pass either the new images only or every image"):
+            model(input_ids=conversation, attention_mask=mask, pixel_values=three, cache=copy.deepcopy(answer1.cache))
+        with pytest.raises(ValueError, match="columns of input_ids are new"):  # a mask shorter than the cache
+            model(input_ids=conversation[:, -2:], attention_mask=mask[:, :3], cache=copy.deepcopy(answer1.cache))
+
+
+# ============================================================================ Qwen3-VL
+def qwen_model():
+    return qwen3_vl.apply_etc(qwen_helpers.tiny_qwen3_vl(), qwen_helpers.small_config())
+
+
+def test_qwen3_vl_prompt_cache_reuse_equals_a_fresh_generate():
+    model = qwen_model()
+    inputs, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+    prefix_length = (inputs["input_ids"][0] == qwen_helpers.VISION_END).nonzero().max().item() + 1
+    cache = prefix_cache(model, inputs, prefix_length)
+    with torch.no_grad():
+        assert_same_generation(greedy(model, **inputs, cache=copy.deepcopy(cache)), greedy(model, **inputs))
+
+
+def test_qwen3_vl_text_turn_equals_prefilling_the_whole_conversation():
+    model = qwen_model()
+    turn1, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        follow_up = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(7))
+        conversation = torch.cat([answer1.sequences, follow_up], dim=1)
+        inputs = dict(turn1, input_ids=conversation, attention_mask=torch.ones_like(conversation))
+        inputs["mm_token_type_ids"] = (conversation == qwen_helpers.IMAGE).long()
+        assert_same_generation(greedy(model, **inputs, cache=answer1.cache), greedy(model, **inputs))
+
+
+def test_qwen3_vl_new_images_on_a_compressed_cache_raise_a_clear_error():
+    model = qwen_model()
+    turn1, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+    turn2, _, _ = qwen_helpers.make_batch([[2, ("I", 4, 4), 2]], seed=3)
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
+        with pytest.raises(NotImplementedError, match="prefill the whole conversation into a new cache"):
+            model(
+                input_ids=conversation,
+                attention_mask=torch.ones_like(conversation),
+                pixel_values=turn2["pixel_values"],
+                image_grid_thw=turn2["image_grid_thw"],
+                cache=answer1.cache,
+            )

@@ -152,10 +152,36 @@ def test_qwen3_vl_text_turn_equals_prefilling_the_whole_conversation():
         assert_same_generation(greedy(model, **inputs, cache=answer1.cache), greedy(model, **inputs))
 
 
-def test_qwen3_vl_new_images_on_a_compressed_cache_raise_a_clear_error():
+@pytest.mark.parametrize("rows", [[[3, ("I", 4, 6), 5]], [[3, ("I", 4, 6), 5], [3, ("I", 6, 4), 2]]])
+def test_qwen3_vl_turn_with_a_new_image_equals_prefilling_the_whole_conversation(rows):
+    model = qwen_model()
+    turn1, _, _ = qwen_helpers.make_batch(rows)
+    turn2_rows = [[2, ("I", 4, 4), 2], [2, ("I", 8, 4), 2]][: len(rows)]
+    turn2, _, _ = qwen_helpers.make_batch(turn2_rows, seed=3)
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
+        mask = torch.cat([turn1["attention_mask"], torch.ones(len(rows), STEPS + turn2["input_ids"].shape[1])], 1)
+        # Every image of the conversation, row by row, as a processor gives them for the whole conversation.
+        patches1 = turn1["pixel_values"].split(turn1["image_grid_thw"].prod(-1).tolist())
+        patches2 = turn2["pixel_values"].split(turn2["image_grid_thw"].prod(-1).tolist())
+        pixel_values = torch.cat([p for pair in zip(patches1, patches2) for p in pair])
+        grids = torch.stack([g for pair in zip(turn1["image_grid_thw"], turn2["image_grid_thw"]) for g in pair])
+        inputs = {
+            "input_ids": conversation,
+            "attention_mask": mask.long(),
+            "mm_token_type_ids": (conversation == qwen_helpers.IMAGE).long(),
+            "pixel_values": pixel_values,
+            "image_grid_thw": grids,
+        }
+        continued = greedy(model, **inputs, cache=answer1.cache)
+        assert_same_generation(continued, greedy(model, **inputs))
+
+
+def test_qwen3_vl_new_videos_on_a_compressed_cache_raise_a_clear_error():
     model = qwen_model()
     turn1, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
-    turn2, _, _ = qwen_helpers.make_batch([[2, ("I", 4, 4), 2]], seed=3)
+    turn2, _, _ = qwen_helpers.make_batch([[2, ("V", 2, 4, 4), 2]], seed=3)
     with torch.no_grad():
         answer1 = greedy(model, **turn1)
         conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
@@ -163,7 +189,48 @@ def test_qwen3_vl_new_images_on_a_compressed_cache_raise_a_clear_error():
             model(
                 input_ids=conversation,
                 attention_mask=torch.ones_like(conversation),
-                pixel_values=turn2["pixel_values"],
-                image_grid_thw=turn2["image_grid_thw"],
+                mm_token_type_ids=turn2["mm_token_type_ids"],
+                pixel_values_videos=turn2["pixel_values_videos"],
+                video_grid_thw=turn2["video_grid_thw"],
                 cache=answer1.cache,
             )
+
+
+# ============================================================================ compressed caches on disk
+def test_saved_cache_answers_later_without_the_image(tmp_path):
+    from etc_ext.cache_store import load_compressed_cache, save_compressed_cache
+
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch([[2, "I", 5]], seed=1)
+    prefix_length = 2 + LLAVA_N
+    cache = prefix_cache(model, inputs, prefix_length)
+    path = tmp_path / "image.etc-cache.safetensors"
+    save_compressed_cache(cache, path, model)
+    loaded = load_compressed_cache(path, model)
+    for original, restored in zip(cache.layers, loaded.layers):
+        assert torch.equal(original.keys, restored.keys) and torch.equal(original.values, restored.values)
+    text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}  # no vision tower needed
+    with torch.no_grad():
+        assert_same_generation(greedy(model, **text_only, cache=loaded), greedy(model, **inputs))
+
+
+def test_loading_a_cache_into_another_model_names_what_differs(tmp_path):
+    from etc_ext.cache_store import load_compressed_cache, save_compressed_cache
+
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch([[2, "I", 5]], seed=1)
+    path = tmp_path / "image.etc-cache.safetensors"
+    save_compressed_cache(prefix_cache(model, inputs, 2 + LLAVA_N), path, model)
+    with torch.no_grad():
+        model.etc.compression_tokens.weight.add_(0.1)  # other trained ETC weights
+    with pytest.raises(ValueError, match="compression_tokens"):
+        load_compressed_cache(path, model)
+    with pytest.raises(ValueError, match="etc_config"):
+        load_compressed_cache(path, llava_model(num_compression_tokens=3))
+    (tmp_path / "not_a_cache").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_compressed_cache(tmp_path / "not_a_cache", model)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_compressed_cache(tmp_path / "missing", model)
+    with pytest.raises(ValueError, match="no compressed ETC prefill"):
+        save_compressed_cache(DynamicCache(), tmp_path / "empty", model)

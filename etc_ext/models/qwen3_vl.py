@@ -29,6 +29,7 @@ What differs from LLaVA:
 - LoRA is the default way to fine-tune the LLM (the paper: rank 8): `apply_etc_with_lora(model, config)`.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -183,9 +184,47 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
             )
         return image_outputs, video_outputs
 
+    def _etc_num_images(self, visual_inputs: dict) -> int:
+        if visual_inputs["pixel_values_videos"] is not None or visual_inputs["encoded"].get("video") is not None:
+            raise NotImplementedError(
+                "ETC: adding videos to a cache that holds a compressed prefill is not implemented yet; prefill the "
+                "whole conversation into a new cache instead."
+            )
+        encoded = visual_inputs["encoded"].get("image")
+        if encoded is not None:
+            return len(encoded.pooler_output)
+        grid = visual_inputs["image_grid_thw"]
+        return 0 if grid is None else len(grid)
+
+    def _etc_select_images(self, visual_inputs: dict, index: list) -> dict:
+        selected = dict(visual_inputs)
+        grid = visual_inputs["image_grid_thw"]
+        if grid is not None:
+            selected["image_grid_thw"] = grid[index]
+            if visual_inputs["pixel_values"] is not None:
+                patches = visual_inputs["pixel_values"].split(grid.prod(-1).tolist())
+                selected["pixel_values"] = torch.cat([patches[i] for i in index])
+        encoded = visual_inputs["encoded"].get("image")
+        if encoded is not None:
+            encoded = copy.copy(encoded)
+            encoded.pooler_output = [encoded.pooler_output[i] for i in index]
+            if getattr(encoded, "deepstack_features", None):
+                encoded.deepstack_features = [[layer[i] for i in index] for layer in encoded.deepstack_features]
+            selected["encoded"] = dict(visual_inputs["encoded"], image=encoded)
+        return selected
+
+    def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
+        # For text on a compressed cache, positions follow from the cache itself: generate()'s come from the rope
+        # deltas it keeps on the model, stale after a prompt of another conversation.
+        if not bool(self._etc_visual_token_mask(input_ids).any()):
+            position_ids = None
+        return super()._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
+
     def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCQwen3VLInputs:
         """Vision features, the images' spans, M-RoPE positions, the extended layout, embeddings and DeepStack."""
         mm_token_type_ids, encoded = visual_inputs["mm_token_type_ids"], visual_inputs["encoded"]
+        if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[1]:
+            mm_token_type_ids = mm_token_type_ids[..., -input_ids.shape[1] :]  # the whole conversation's
         pixel_inputs = {name: visual_inputs[name] for name in PIXEL_INPUTS}
         image_mask = input_ids == self.config.image_token_id  # (B, L)
         video_mask = input_ids == self.config.video_token_id

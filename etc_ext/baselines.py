@@ -93,6 +93,7 @@ from .compress import (
     right_aligned_index,
 )
 from .distill import capture_query_key, instruction_scores
+from .continuation import CompressedCacheGenerationMixin, new_token_count
 from .models.common import unwrap_peft
 from .models.llava import num_visual_tokens as llava_num_visual_tokens
 
@@ -850,7 +851,7 @@ class _RecordInto:
 
 
 # ============================================================================ LLaVA
-class BaselineLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, LlavaForConditionalGeneration):
     """A `LlavaForConditionalGeneration` with a training-free compressor; made by `apply_baseline`, never
     instantiated directly."""
 
@@ -1000,18 +1001,24 @@ class BaselineLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         state = getattr(cache, "etc_state", None)
         encoded = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
         has_images = pixel_values is not None or encoded is not None
-        if state is not None:  # decoding from a compressed prefill: new tokens are text
-            if has_images:
-                raise NotImplementedError(
-                    "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
-                    "cache for a prompt with images"
-                )
+        if state is not None:  # a compressed prefill: decoding, or a follow-up question / turn (text only)
             if input_ids is None:
                 raise ValueError("baseline decoding needs input_ids")
-            mask, positions = state.decode_inputs(
-                cache.get_seq_length(), input_ids.shape[1], attention_mask, position_ids
-            )
-            base_kwargs.update(attention_mask=mask, position_ids=positions)
+            cache_length = cache.get_seq_length()
+            new = new_token_count(input_ids, attention_mask, state.covered_length(cache_length))
+            input_ids = input_ids[:, -new:]
+            if position_ids is not None:
+                position_ids = position_ids[..., -new:]
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise NotImplementedError(
+                    "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
+                    "cache for a prompt with new images"
+                )
+            mask, positions = state.decode_inputs(cache_length, new, attention_mask, position_ids)
+            base_kwargs.update(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=None,
+                mm_encoder_outputs=None,
+            )  # fmt: skip
             return super().forward(**base_kwargs)
         image_token_mask = None if input_ids is None else input_ids == self.config.image_token_id
         if not has_images and (image_token_mask is None or not bool(image_token_mask.any())):

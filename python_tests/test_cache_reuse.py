@@ -234,3 +234,43 @@ def test_loading_a_cache_into_another_model_names_what_differs(tmp_path):
         load_compressed_cache(tmp_path / "missing", model)
     with pytest.raises(ValueError, match="no compressed ETC prefill"):
         save_compressed_cache(DynamicCache(), tmp_path / "empty", model)
+
+
+# ============================================================================ follow-up questions: ETC and the baselines
+def feed_one_by_one(model, cache, conversation, mask, covered, steps):
+    """The oracle of a multi-token continuation: decoding steps of one token each over the tokens the cache does
+    not hold, then greedy decoding; returns the tokens and each step's next-token logits."""
+    logits, tokens = [], conversation
+    for column in range(covered, conversation.shape[1]):
+        out = model(input_ids=conversation[:, column : column + 1], attention_mask=mask[:, : column + 1], cache=cache)
+    for _ in range(steps):
+        logits.append(out.logits[:, -1])
+        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+        out = model(input_ids=next_token, attention_mask=mask, cache=cache)
+    return tokens, logits
+
+
+@pytest.mark.parametrize("method", ["etc", "mean", "subsample", "fastv", "visionzip", "instruction_merge"])
+def test_follow_up_question_continues_the_compressed_cache(method):
+    """ETC and each baseline answer a follow-up question from the cache of the first one (FastV-style keeps the
+    tokens it picked for the first question): a multi-token continuation equals one-token steps on that cache."""
+    from etc_ext.baselines import apply_baseline
+
+    model = llava_helpers.tiny_llava()
+    model = llava.apply_etc(model, llava_helpers.small_config()) if method == "etc" else apply_baseline(model, method, 4)
+    turn1, _ = llava_helpers.make_batch([[2, "I", 3], [2, "I", 6]], seed=1)
+    follow_up = torch.randint(3, 90, (2, 4), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, follow_up], dim=1)
+        mask = torch.cat([turn1["attention_mask"], torch.ones(2, STEPS + 4, dtype=torch.long)], dim=1)
+        expected_cache = copy.deepcopy(answer1.cache)
+        covered = expected_cache.etc_state.covered_length(expected_cache.get_seq_length())
+        tokens, logits = feed_one_by_one(model, expected_cache, conversation, mask, covered, STEPS)
+        inputs = {"input_ids": conversation, "attention_mask": mask, "pixel_values": turn1["pixel_values"]}
+        continued = greedy(model, **inputs, cache=answer1.cache)
+    assert torch.equal(continued.sequences, tokens)
+    for a, b in zip(continued.logits, logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -26,6 +26,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from ..compress import ETCCache, ETCLayout, ImageSpans, bottleneck_mask, etc_prefill, to_attention_mask
+from ..continuation import CompressedCacheGenerationMixin, new_token_count
 from ..distill import (
     adapter_layers,
     adapters_disabled,
@@ -92,7 +93,7 @@ class ETCInputs:
         return self.layout.spans
 
 
-class ETCMixin:
+class ETCMixin(CompressedCacheGenerationMixin):
     """ETC on a Hugging Face VLM class (see the module docstring). Never instantiated directly: `apply_etc` swaps an
     existing model's class."""
 
@@ -177,7 +178,7 @@ class ETCMixin:
         state = cache.etc_state
         cache_length = cache.get_seq_length()
         covered = state.covered_length(cache_length)
-        new = self._etc_new_token_count(input_ids, attention_mask, covered)
+        new = new_token_count(input_ids, attention_mask, covered)
         total = covered + new
         input_ids = input_ids[:, -new:]
         if position_ids is not None:
@@ -211,21 +212,6 @@ class ETCMixin:
         logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
         return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
 
-    @staticmethod
-    def _etc_new_token_count(input_ids, attention_mask, covered: int) -> int:
-        """How many of the last columns of `input_ids` the cache does not hold yet: with `attention_mask` (the
-        whole conversation's, as generate() grows it), its width minus `covered`; without one, every column
-        (generate() slices the conversation itself, see `prepare_inputs_for_generation`)."""
-        given = input_ids.shape[1]
-        new = attention_mask.shape[1] - covered if attention_mask is not None else given
-        if not 0 < new <= given:
-            raise ValueError(
-                f"ETC: the cache holds {covered} tokens of the conversation, so {new} of the {given} columns of "
-                "input_ids are new: pass the whole conversation (or its new tokens) with an attention_mask over the "
-                "whole conversation."
-            )
-        return new
-
     def _etc_new_images(self, visual_inputs: dict, visual_token_mask, past_images) -> dict:
         """`visual_inputs` restricted to the images of the new tokens: all of them when only those were passed,
         else (the whole conversation's, as generate() re-sends them) each row's images after its cached ones."""
@@ -249,18 +235,6 @@ class ETCMixin:
         """`(B,)` runs of visual tokens per row (one per image)."""
         starts = visual_token_mask & ~torch.nn.functional.pad(visual_token_mask[:, :-1], (1, 0))
         return starts.sum(-1)
-
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
-        """generate() feeds the tokens its cache does not hold, counting them as `input_ids` minus the cache's
-        length; an ETC cache holds fewer entries than the tokens it covers (M per image instead of N), so count
-        with what it covers."""
-        state = getattr(cache, "etc_state", None)
-        if state is not None and next_sequence_length is not None and self.etc.enabled:
-            next_sequence_length = input_ids.shape[1] - state.covered_length(cache.get_seq_length())
-        return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
-        )
 
     def _etc_language_model(self, language_model, inputs_embeds, attention_mask, position_ids, cache, token_inputs,
                             **kwargs):  # fmt: skip

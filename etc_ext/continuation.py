@@ -1,0 +1,45 @@
+"""Continuing a compressed cache (ETC's, or a training-free baseline's): which of the given tokens are new.
+
+A compressed cache holds fewer entries than the tokens it covers (M, or K, per image instead of N), so the usual
+rule "new tokens = input_ids minus the cache's length" (generate(), prompt-cache reuse, multi-turn) feeds tokens
+the cache already holds. `ETCCacheState.covered_length` counts what it covers; these helpers apply that count.
+"""
+
+import torch
+from transformers.utils.deprecation import deprecate_kwarg
+
+__all__ = ["CompressedCacheGenerationMixin", "new_token_count"]
+
+
+def new_token_count(input_ids: torch.Tensor, attention_mask, covered: int) -> int:
+    """How many of the last columns of `input_ids` a cache covering `covered` tokens does not hold yet: with
+    `attention_mask` (the whole conversation's, as generate() grows it), its width minus `covered`; without one,
+    every column (generate() slices the conversation itself, see `CompressedCacheGenerationMixin`).
+
+    Raises:
+        ValueError: the count does not fit `input_ids` (e.g. a mask shorter than what the cache holds).
+    """
+    given = input_ids.shape[1]
+    new = attention_mask.shape[1] - covered if attention_mask is not None else given
+    if not 0 < new <= given:
+        raise ValueError(
+            f"the cache holds {covered} tokens of the conversation, so {new} of the {given} columns of input_ids "
+            "are new: pass the whole conversation (or its new tokens) with an attention_mask over the whole "
+            "conversation."
+        )
+    return new
+
+
+class CompressedCacheGenerationMixin:
+    """generate() support for a model whose caches may be compressed (a cache with an `etc_state`)."""
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
+        """generate() feeds the tokens its cache does not hold, counting them as `input_ids` minus the cache's
+        length; a compressed cache holds fewer entries than the tokens it covers, so count with what it covers."""
+        state = getattr(cache, "etc_state", None)
+        if state is not None and next_sequence_length is not None:
+            next_sequence_length = input_ids.shape[1] - state.covered_length(cache.get_seq_length())
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+        )

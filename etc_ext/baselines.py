@@ -30,7 +30,7 @@ The methods (N visual tokens per image on a `gh x gw` patch grid, K = num_tokens
   from that layer's query/key states recorded by the `"etc_capture"` attention function and
   `etc_ext.ops.cross_attn_scores` (SDPA kept). The top K visual tokens stay; layers L.. run on the pruned sequence
   (forward pre-hooks on those decoder layers drop the other rows of the hidden states, rotary embeddings and mask),
-  and the pruned tokens leave the cache of every layer (`compress.compact_cache`, i.e. `write_compressed_kv` with
+  and the pruned tokens leave the cache of every layer (`cache.compact_dynamic_cache`, i.e. `write_compressed_kv` with
   `index`), so decoding sees K visual entries per image in all layers. Tokens keep their positions (a gap where
   pruned tokens were), as in FastV. With L equal to the number of layers only the cache is pruned.
 - "instruction_merge": ETC's instruction-aware weighting without training: a first pass over the prompt, stopped
@@ -87,12 +87,12 @@ from .compress import (
     ETCCache,
     ETCCacheState,
     ImageSpans,
-    compact_cache,
     default_position_ids,
     find_image_spans,
     right_aligned_index,
 )
 from .distill import capture_query_key, instruction_scores
+from .cache import compact_dynamic_cache
 from .continuation import CompressedCacheGenerationMixin, new_token_count
 from .models.common import unwrap_peft
 from .models.llava import num_visual_tokens as llava_num_visual_tokens
@@ -683,7 +683,7 @@ class FastVPruner:
     right-aligned: `hidden_states`, `position_embeddings` (cos, sin), `position_ids`, and a causal boolean mask over
     them; the later layers get the same. The cache of layers `layer..` therefore holds the kept tokens only, in the
     order of `pruner.index`; compact the earlier layers afterwards with
-    `compact_cache(cache, pruner.index, layers=range(layer))`. The pass runs SDPA (an eager model too).
+    `compact_dynamic_cache(cache, pruner.index, layers=range(layer), empty_slots=True)`. The pass runs SDPA (an eager model too).
 
     The decoder layers must take `hidden_states` first and `attention_mask`, `position_embeddings`, `position_ids`
     as keyword arguments (transformers' decoder layers do). A pass with a non-empty cache is not supported.
@@ -1170,7 +1170,7 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
             hidden_states = layout.gather(hidden_states)  # no layer ran on the pruned sequence: drop the rows now
         if cache is not None:
             # Layers < layer hold the whole prompt; layers >= layer already hold the kept entries in layout order.
-            compact_cache(cache, layout.index, layers=range(config.layer))
+            compact_dynamic_cache(cache, layout.index, layers=range(config.layer), empty_slots=True)
         return hidden_states, layout
 
 

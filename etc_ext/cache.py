@@ -8,13 +8,17 @@ index_select/gather calls):
 - :func:`compact_kv_layers` on a plain list of per-layer `(key, value)` tensors
   `(B, Hkv, L, D)`, returns the compacted list `(B, Hkv, K, D)`;
 - :func:`compact_dynamic_cache` on a transformers `DynamicCache`, in place: every layer's
-  `keys` / `values` `(B, Hkv, L, D)` become `(B, Hkv, K, D)`.
+  `keys` / `values` `(B, Hkv, L, D)` become `(B, Hkv, K, D)`. It is the one compaction ETC's
+  prefill and the baselines run (`empty_slots=True` for right-aligned indices with -1 in
+  front, `layers=` for FastV-style pruning of the first layers only).
+
+Saving and loading a compressed cache: `etc_ext.cache_store`; continuing one: `etc_ext.continuation`.
 
 Positions are kept, not renumbered: the caller keeps passing the original position ids (or
 cache_position) for later tokens; `cache.get_seq_length()` becomes K.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -23,8 +27,11 @@ __all__ = ["compact_kv_layers", "compact_dynamic_cache"]
 _OP = "compact_kv"
 
 
-def _check_keep_index(keep_index, batch: int, lengths: Sequence[int], device, check: bool) -> None:
-    """keep_index: int64 [B, K] with 0 <= keep_index < L for every layer (one host sync)."""
+def _check_keep_index(
+    keep_index, batch: int, lengths: Sequence[int], device, check: bool, empty_slots: bool = False
+) -> None:
+    """keep_index: int64 [B, K] with 0 <= keep_index < L for every layer (-1 too with `empty_slots`; one host
+    sync)."""
     if not isinstance(keep_index, torch.Tensor):
         raise TypeError(f"{_OP}: keep_index must be a torch.Tensor [B, K], got {type(keep_index).__name__}")
     if keep_index.dim() != 2 or keep_index.shape[0] != batch:
@@ -36,10 +43,11 @@ def _check_keep_index(keep_index, batch: int, lengths: Sequence[int], device, ch
     if check and keep_index.numel() > 0 and not torch.compiler.is_compiling():
         shortest = min(lengths)
         low, high = torch.stack([keep_index.min(), keep_index.max()]).tolist()
-        if low < 0 or high >= shortest:
+        lowest = -1 if empty_slots else 0
+        if low < lowest or high >= shortest:
+            allowed = f"[-1, L) = [-1, {shortest}) (-1 = empty slot)" if empty_slots else f"[0, L) = [0, {shortest})"
             raise ValueError(
-                f"{_OP}: keep_index must be in [0, L) = [0, {shortest}) (the cached length), "
-                f"got values in [{low}, {high}]"
+                f"{_OP}: keep_index must be in {allowed} (the cached length), got values in [{low}, {high}]"
             )
 
 
@@ -67,17 +75,22 @@ def _check_pairs(pairs: Sequence[tuple], what: str) -> None:
             )
 
 
-def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor) -> list:
-    """The per-layer loop, after validation: one op call per layer, no checks."""
+def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots: bool = False) -> list:
+    """The per-layer loop, after validation: one op call per layer, no checks. With `empty_slots`, -1 entries of
+    keep_index leave zeros."""
     batch, kept = keep_index.shape
     # The new (B, Hkv, K, D) tensor seen as a paged cache (B, K, Hkv, D): slot = b * K + k.
     slots = torch.arange(batch * kept, device=keep_index.device).view(batch, kept)
+    if empty_slots:
+        slots = torch.where(keep_index >= 0, slots, -1)
+        keep_index = keep_index.clamp_min(0)
+    allocate = torch.Tensor.new_zeros if empty_slots else torch.Tensor.new_empty
     write = torch.ops.etc_ext.write_compressed_kv.default
     out = []
     for key, value in pairs:
         b, heads, _, dim = key.shape
-        new_key = key.new_empty((b, heads, kept, dim))
-        new_value = value.new_empty((b, heads, kept, dim))
+        new_key = allocate(key, (b, heads, kept, dim))
+        new_value = allocate(value, (b, heads, kept, dim))
         write(new_key.transpose(1, 2), new_value.transpose(1, 2), key, value, slots, index=keep_index)
         out.append((new_key, new_value))
     return out
@@ -114,6 +127,8 @@ def compact_dynamic_cache(
     cache,
     keep_index: torch.Tensor,
     *,
+    layers: Optional[Sequence[int]] = None,
+    empty_slots: bool = False,
     check: bool = True,
 ) -> None:
     """Keep positions `keep_index` in every layer of a transformers DynamicCache, in place.
@@ -125,6 +140,9 @@ def compact_dynamic_cache(
             raise TypeError: their stored positions are not the positions of keep_index.
         keep_index: int64 `(B, K)` on the cache's device: row b keeps positions
             keep_index[b, :], in that order.
+        layers: indices of the layers to compact (default: all), e.g. only the layers that still
+            hold every entry when the later ones were filled with the kept ones (FastV-style).
+        empty_slots: allow -1 in keep_index: that slot stays empty (zeros; mask it out).
         check: validate keep_index first (one host sync); nothing is changed if it fails.
 
     Afterwards every initialized layer holds `(B, Hkv, K, D)` and `cache.get_seq_length()`
@@ -132,11 +150,15 @@ def compact_dynamic_cache(
     """
     from transformers.cache_utils import DynamicLayer
 
+    layer_indices = layers
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"{_OP}: expected a transformers DynamicCache, got {type(cache).__name__}")
+    selected = set(range(len(layers))) if layer_indices is None else set(layer_indices)
     live = []
     for i, layer in enumerate(layers):
+        if i not in selected:
+            continue
         if type(layer) is not DynamicLayer:
             raise TypeError(
                 f"{_OP}: cache.layers[{i}] is a {type(layer).__name__}; compact_dynamic_cache supports "
@@ -149,7 +171,7 @@ def compact_dynamic_cache(
     pairs = [(layers[i].keys, layers[i].values) for i in live]
     _check_pairs(pairs, "cache.layers")
     key0 = pairs[0][0]
-    _check_keep_index(keep_index, key0.shape[0], [k.shape[2] for k, _ in pairs], key0.device, check)
-    for i, (new_key, new_value) in zip(live, _compact_pairs(pairs, keep_index)):
+    _check_keep_index(keep_index, key0.shape[0], [k.shape[2] for k, _ in pairs], key0.device, check, empty_slots)
+    for i, (new_key, new_value) in zip(live, _compact_pairs(pairs, keep_index, empty_slots)):
         layers[i].keys = new_key
         layers[i].values = new_value

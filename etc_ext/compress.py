@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
-from . import ops
+from .cache import compact_dynamic_cache
 
 __all__ = [
     "TEXT",
@@ -40,7 +40,6 @@ __all__ = [
     "bottleneck_mask",
     "to_attention_mask",
     "check_mask_attention_implementation",
-    "compact_cache",
     "right_aligned_index",
     "can_segment",
     "segmented_prefill",
@@ -372,51 +371,6 @@ def to_attention_mask(mask: torch.Tensor, attn_implementation: Optional[str], dt
 
 
 # ============================================================================ cache
-def _write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, *, index):
-    """The one call site of write_compressed_kv (the fused op; `etc_ext.reference` has the same contract)."""
-    ops.write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, index=index)
-
-
-def compact_cache(cache: DynamicCache, keep_index: torch.Tensor, layers: Optional[Sequence[int]] = None) -> None:
-    """Compact the layers of a `DynamicCache` in place.
-
-    Args:
-        cache: a `DynamicCache` whose layers hold `(B, Hkv, C, D)` keys and values.
-        keep_index: int64 `(B, K)`: slot k of row b receives entry `keep_index[b, k]`; -1 leaves slot k empty
-            (zeros; mask it out).
-        layers: indices of the layers to compact (default: all), e.g. only the layers that still hold every entry
-            when the others were filled with the kept ones.
-    """
-    batch_size, num_kept = keep_index.shape
-    slot_mapping = None
-    selected = set(range(len(cache.layers)) if layers is None else layers)
-    for layer_idx, layer in enumerate(cache.layers):
-        if layer_idx not in selected:
-            continue
-        if not isinstance(layer, DynamicLayer) or layer.is_sliding:
-            raise ValueError(
-                f"compact_cache: layer {layer_idx} is a {type(layer).__name__}; only full-attention DynamicLayer "
-                "caches can be compacted"
-            )
-        if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
-            continue
-        keys, values = layer.keys, layer.values  # (B, Hkv, C, D)
-        if keys.shape[0] != batch_size:
-            raise ValueError(f"compact_cache: keep_index has {batch_size} rows, layer {layer_idx} {keys.shape[0]}")
-        if slot_mapping is None:
-            keep_index = keep_index.to(keys.device)
-            slots = torch.arange(batch_size * num_kept, device=keys.device).view(batch_size, num_kept)
-            slot_mapping = torch.where(keep_index >= 0, slots, -1)
-            source_index = keep_index.clamp_min(0)
-        new_keys = keys.new_zeros(batch_size, keys.shape[1], num_kept, keys.shape[3])
-        new_values = values.new_zeros(batch_size, values.shape[1], num_kept, values.shape[3])
-        # A per-layer cache (B, Hkv, K, D) is the paged layout (num_blocks=B, block_size=K, Hkv, D) transposed.
-        _write_compressed_kv(
-            new_keys.transpose(1, 2), new_values.transpose(1, 2), keys, values, slot_mapping, index=source_index
-        )
-        layer.keys, layer.values = new_keys, new_values
-
-
 def right_aligned_index(select: torch.Tensor) -> torch.Tensor:
     """Indices of the True entries of each row of `select` `(B, L)`, right-aligned in `(B, S)` (S = the largest
     count), -1 in front where a row has fewer."""
@@ -619,7 +573,7 @@ def segmented_prefill(
             seg_types = layout.token_type.gather(1, seg_index.clamp_min(0))
             keep = torch.cat([cache_valid, seg_valid & (seg_types != VISUAL)], dim=1)  # (B, C + S)
             keep_index = right_aligned_index(keep)
-            compact_cache(cache, keep_index)
+            compact_dynamic_cache(cache, keep_index, empty_slots=True)
             cache_valid = keep_index >= 0
         else:
             cache_valid = torch.cat([cache_valid, seg_valid], dim=1)
@@ -645,7 +599,7 @@ def masked_prefill(
     index = torch.arange(layout.length, device=inputs_embeds.device).expand(layout.batch_size, -1)
     index = index.masked_fill(~layout.attention_mask, -1)
     keep_index = right_aligned_index(layout.attention_mask & (layout.token_type != VISUAL))
-    compact_cache(cache, keep_index)
+    compact_dynamic_cache(cache, keep_index, empty_slots=True)
     return hidden_states, index, keep_index >= 0
 
 

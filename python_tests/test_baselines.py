@@ -21,7 +21,8 @@ from etc_ext.baselines import (
     subsample_index,
     visionzip_split,
 )
-from etc_ext.compress import ETCCache, compact_cache
+from etc_ext.cache import compact_dynamic_cache
+from etc_ext.compress import ETCCache
 from etc_ext.config import ETCConfig
 from etc_ext.models.llava import apply_etc
 
@@ -566,7 +567,7 @@ def test_compact_cache_compacts_only_the_given_layers():
         keys = torch.arange(2 * 5, dtype=torch.float32).view(2, 1, 5, 1).expand(2, 2, 5, 3) + 100 * layer_idx
         cache.update(keys.clone(), keys.clone() + 0.5, layer_idx)
     keep = torch.tensor([[0, 2, 4], [-1, 1, 3]])
-    compact_cache(cache, keep, layers=[0, 2])
+    compact_dynamic_cache(cache, keep, layers=[0, 2], empty_slots=True)
     assert cache.layers[1].keys.shape[2] == 5  # untouched
     for layer_idx in (0, 2):
         keys = cache.layers[layer_idx].keys[:, 0, :, 0]

@@ -167,3 +167,24 @@ def test_uninitialized_layers_are_left_alone():
     compact_dynamic_cache(cache, torch.tensor([[5, 0]]))
     assert cache.layers[0].keys.shape[2] == 2 and not cache.layers[1].is_initialized
     torch.testing.assert_close(cache.layers[2].keys, keys[:, :, [5, 0]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.inference_mode()
+def test_empty_slots_and_selected_layers(device):
+    """-1 leaves an empty (zero) slot with `empty_slots=True` (ETC's right-aligned indices); `layers=` compacts only
+    those layers (FastV-style pruning of the first layers); -1 without `empty_slots` is refused."""
+    model = tiny_llama(device, torch.float32)
+    _, cache = filled_cache(model, device)
+    originals = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    keep = torch.tensor([[-1, -1, 3, 7], [0, 5, 6, 39]], device=device)
+    with pytest.raises(ValueError, match=r"keep_index must be in \[0, L\)"):
+        compact_dynamic_cache(cache, keep)
+    compact_dynamic_cache(cache, keep, layers=[0], empty_slots=True)
+    first = cache.layers[0]
+    assert first.keys.shape[2] == 4
+    assert torch.count_nonzero(first.keys[0, :, :2]) == 0 and torch.count_nonzero(first.values[0, :, :2]) == 0
+    torch.testing.assert_close(first.keys[0, :, 2:], gather_positions(originals[0][0], keep.clamp_min(0))[0, :, 2:])
+    torch.testing.assert_close(first.values[1], gather_positions(originals[0][1], keep.clamp_min(0))[1], rtol=0, atol=0)
+    for (key, _), layer in zip(originals[1:], cache.layers[1:]):  # untouched
+        assert torch.equal(layer.keys, key)

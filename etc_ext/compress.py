@@ -203,10 +203,6 @@ class ETCLayout:
         out[rows, self.ext_index] = values
         return out
 
-    def extend_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Labels `(B, Lx)`: the user's labels, ignore_index at compression tokens and padding."""
-        return self.extend(labels, ignore_index)
-
     def embed(self, inputs_embeds: torch.Tensor, compression_embeds: torch.Tensor) -> torch.Tensor:
         """Extended embeddings `(B, Lx, H)`: the user's `(B, L, H)` and the compression embeddings `(M, H)` after
         each image."""

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn

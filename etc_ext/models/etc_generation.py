@@ -1,0 +1,117 @@
+"""ETC's inference side, written once for every backbone: the compressed prefill, decoding from the compacted
+cache, and continuing it with new tokens (a reused image cache, a later turn, new images)."""
+
+import torch
+
+from ..compress import ETCCache, etc_prefill
+from ..continuation import CompressedCacheGenerationMixin, new_token_count
+from .etc_hooks import ETCBackboneHooks, ETCInputs
+
+__all__ = ["ETCGenerationMixin"]
+
+
+class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
+    """Prefill into an `ETCCache`, decode from it, continue it."""
+
+    def _etc_prefill(self, prepared: ETCInputs, input_length: int, cache, method: str):
+        if not isinstance(cache, ETCCache):  # e.g. the empty DynamicCache generate() made
+            cache = ETCCache(config=self.config)
+        prefill = etc_prefill(
+            self._etc_run_language_model,
+            prepared.layout,
+            prepared.inputs_embeds,
+            cache,
+            self.model.language_model.config._attn_implementation,
+            input_length=input_length,
+            method=method,
+            token_inputs=prepared.token_inputs,
+        )
+        logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
+        return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
+
+    def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
+        if input_ids is None:
+            raise ValueError("ETC decoding needs input_ids")
+        if position_ids is not None and position_ids.dim() == 3:
+            position_ids = position_ids[-3:]  # generate()'s M-RoPE (4, B, q): drop the text row, keep the 3 axes
+        mask, positions = cache.etc_state.decode_inputs(
+            cache.get_seq_length(), input_ids.shape[1], attention_mask, position_ids
+        )
+        return {"attention_mask": mask, "position_ids": self._etc_text_positions(positions)}
+
+    def _etc_continue(
+        self, original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask, position_ids,
+        cache, has_visual_inputs, etc_prefill_method, kwargs,
+    ):  # fmt: skip
+        """New tokens on a cache that holds a compressed prefill: decoding, the question after a reused image cache,
+        or a later turn of a conversation (with or without new images).
+
+        `input_ids` may be the whole conversation or only its new tokens: the cache knows how many user tokens it
+        holds (`ETCCacheState.covered_length`), and `attention_mask` (when given) covers the whole conversation, as
+        generate() makes it; the new tokens are the last `mask length - covered` columns. Images already in the
+        cache may be passed again (generate() re-sends the conversation's pixel values) or not: only the new
+        images' placeholders are compressed, against the cache."""
+        if input_ids is None:
+            raise ValueError("ETC: continuing a compressed cache needs input_ids (not inputs_embeds)")
+        if kwargs.get("labels") is not None:
+            raise ValueError("ETC: labels go with the training forward (no cache)")
+        state = cache.etc_state
+        cache_length = cache.get_seq_length()
+        covered = state.covered_length(cache_length)
+        new = new_token_count(input_ids, attention_mask, covered)
+        total = covered + new
+        input_ids = input_ids[:, -new:]
+        if position_ids is not None:
+            position_ids = position_ids[..., -new:]
+        visual_token_mask = self._etc_visual_token_mask(input_ids)
+        decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
+        mask, positions = decode_inputs["attention_mask"], decode_inputs["position_ids"]
+        if not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
+            base_kwargs.update({name: None for name in visual_kwargs}, mm_encoder_outputs=None)
+            base_kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+            return original_forward(**base_kwargs)
+        if not has_visual_inputs:
+            raise ValueError("ETC: the new tokens contain image tokens but no pixel values were given")
+
+        # New images: compress them against the cache (segmented prefill of the new tokens).
+        past_images = state.position_offset // self.etc.config.num_compression_tokens  # (B,)
+        visual_inputs = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
+        prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs)
+        prefill = etc_prefill(
+            self._etc_run_language_model,
+            prepared.layout,
+            prepared.inputs_embeds,
+            cache,
+            self.model.language_model.config._attn_implementation,
+            input_length=total,
+            method=etc_prefill_method or self.etc.prefill_method,
+            token_inputs=prepared.token_inputs,
+            past_valid=mask[:, :cache_length].bool(),
+            past_offset=state.position_offset,
+        )
+        logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
+        return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
+
+    def _etc_new_images(self, visual_inputs: dict, visual_token_mask, past_images) -> dict:
+        """`visual_inputs` restricted to the images of the new tokens: all of them when only those were passed,
+        else (the whole conversation's, as generate() re-sends them) each row's images after its cached ones."""
+        spans_per_row = self._etc_count_images(visual_token_mask)  # (B,) new images per row
+        given = self._etc_num_images(visual_inputs)
+        new_total, past_total = int(spans_per_row.sum()), int(past_images.sum())
+        if given == new_total:
+            return visual_inputs
+        if given != new_total + past_total:
+            raise ValueError(
+                f"ETC: the new tokens hold {new_total} image(s) and the cache {past_total}; got {given} image(s): pass "
+                "either the new images only or every image of the conversation"
+            )
+        index, start = [], 0
+        for row_past, row_new in zip(past_images.tolist(), spans_per_row.tolist()):
+            index += range(start + row_past, start + row_past + row_new)
+            start += row_past + row_new
+        return self._etc_select_images(visual_inputs, index)
+
+    def _etc_count_images(self, visual_token_mask: torch.Tensor) -> torch.Tensor:
+        """`(B,)` runs of visual tokens per row (one per image)."""
+        starts = visual_token_mask & ~torch.nn.functional.pad(visual_token_mask[:, :-1], (1, 0))
+        return starts.sum(-1)

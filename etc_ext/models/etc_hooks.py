@@ -1,0 +1,104 @@
+"""The contract between ETC and a backbone: the inputs an adapter prepares (`ETCInputs`) and the hooks it
+implements (`ETCBackboneHooks`). See docs/new_backbone.md."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compress import ETCLayout, ImageSpans
+
+__all__ = ["ETCInputs", "ETCBackboneHooks"]
+
+
+@dataclass
+class ETCInputs:
+    """A batch prepared for ETC by a backbone's `_etc_prepare`.
+
+    Attributes:
+        layout: the extended sequence (M compression tokens after each image).
+        inputs_embeds: `(B, Lx, H)` extended embeddings.
+        visual_token_mask: `(B, L)` the visual placeholders of the user's sequence.
+        position_ids: the user's positions (`(B, L)`, or `(3, B, L)` for M-RoPE): the teacher pass runs on them.
+        token_inputs: per-token extras every language-model pass of the extended sequence gets (DeepStack),
+            extended layout; empty when the backbone has none.
+        grids: int64 `(I, 3)` `(t, h, w)` token grid of each image for a decoder of variable N, else None.
+        encoder_outputs: the vision encoder's outputs as the model's output dataclass names them
+            (`image_outputs`, ...).
+        teacher_inputs: what the backbone's teacher pass reuses (e.g. the projector's input), backbone-specific.
+    """
+
+    layout: ETCLayout
+    inputs_embeds: torch.Tensor
+    visual_token_mask: torch.Tensor
+    position_ids: torch.Tensor
+    token_inputs: dict = field(default_factory=dict)
+    grids: Optional[torch.Tensor] = None
+    encoder_outputs: dict = field(default_factory=dict, repr=False)
+    teacher_inputs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def spans(self) -> ImageSpans:
+        return self.layout.spans
+
+
+class ETCBackboneHooks:
+    """What a backbone's ETC class implements (the "adapter"); `ETCMixin` calls these."""
+
+    @classmethod
+    def etc_visual_token_count(cls, config) -> tuple[int, Optional[tuple[int, int]]]:
+        """`ETCConfig.num_visual_tokens` for a model of this config, and the decoder's position grid (None for a
+        fixed N)."""
+        raise NotImplementedError
+
+    def _etc_vision_tower(self) -> nn.Module:
+        """The vision encoder (`ETCConfig.freeze_vision_tower` freezes it)."""
+        raise NotImplementedError
+
+    def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool `(B, L)`: the visual placeholders in `input_ids`."""
+        raise NotImplementedError
+
+    def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
+        """Whether the call brings images (pixels or generate()'s encoder outputs)."""
+        raise NotImplementedError
+
+    def _etc_check_visual_inputs(self, visual_inputs: dict) -> None:
+        """Raise for image arguments that cannot go together (e.g. pixels and their encoder outputs)."""
+
+    def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCInputs:
+        """Encode the images and build the extended inputs (`ETCInputs`)."""
+        raise NotImplementedError
+
+    def _etc_num_images(self, visual_inputs: dict) -> int:
+        """How many images `visual_inputs` holds (for images added to a compressed cache)."""
+        raise NotImplementedError(
+            f"ETC: adding images to a cache that holds a compressed prefill is not implemented for "
+            f"{self.etc_base_class.__name__} yet; prefill the whole conversation into a new cache instead."
+        )
+
+    def _etc_select_images(self, visual_inputs: dict, index: list) -> dict:
+        """`visual_inputs` with only the images at `index` (in the order images are given)."""
+        raise NotImplementedError
+
+    def _etc_token_kwargs(self, **token_inputs) -> dict:
+        """Language-model keyword arguments made from `ETCInputs.token_inputs` (none by default)."""
+        return {}
+
+    def _etc_teacher_modules(self, peft_layers: Optional[list] = None) -> dict:
+        """The modules the teacher runs (name -> module, `language_model` always): what the frozen snapshot copies
+        (no `peft_layers`), or, with peft, what runs with the adapters off."""
+        raise NotImplementedError
+
+    def _etc_teacher_inputs(self, prepared: ETCInputs, input_ids, modules: dict) -> tuple[torch.Tensor, dict]:
+        """The teacher pass's `(B, L, H)` input embeddings of the user's sequence and its token inputs."""
+        raise NotImplementedError
+
+    def _etc_decoder_grids(self, prepared: ETCInputs) -> Optional[torch.Tensor]:
+        """`(I, 3)` grids for a decoder of variable N (raise when they are needed and missing), None for fixed N."""
+        return None
+
+    def _etc_text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Decoding positions `(B, q)` of text tokens in the form the language model takes."""
+        return positions

@@ -1,0 +1,186 @@
+"""ETC's training pass, written once for every backbone: the masked single pass and its loss, the instruction-aware
+target, the teacher and the VID loss (PAPER.md)."""
+
+from contextlib import nullcontext
+
+import torch
+from transformers.modeling_utils import slice_logits_to_keep
+
+from ..compress import bottleneck_mask, to_attention_mask
+from ..distill import (
+    adapter_layers,
+    adapters_disabled,
+    capture_query_key,
+    instruction_aware_target,
+    instruction_scores_spans,
+    resolve_target_layer,
+)
+from . import common
+from .etc_hooks import ETCBackboneHooks, ETCInputs
+
+__all__ = ["ETCTrainingMixin"]
+
+
+class ETCTrainingMixin(ETCBackboneHooks):
+    """The masked forward with `loss = ce_loss + vid_weight * vid_loss`, the distillation target and the teacher."""
+
+    def _etc_masked_forward(self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs):
+        """The single pass under the bottleneck mask (training, and the oracle for the prefill)."""
+        layout = prepared.layout
+        language_model = self.model.language_model
+        mask = to_attention_mask(
+            bottleneck_mask(layout), language_model.config._attn_implementation, prepared.inputs_embeds.dtype
+        )
+        distill = labels is not None and self.etc.distill is not None
+        hidden_index, attention_layer = resolve_target_layer(
+            self.etc.config.target_layer, language_model.config.num_hidden_layers
+        )
+        final = hidden_index == language_model.config.num_hidden_layers
+        outputs = self._etc_language_model(
+            language_model,
+            prepared.inputs_embeds,
+            mask,
+            layout.position_ids,
+            None,
+            prepared.token_inputs,
+            output_hidden_states=[hidden_index] if distill and not final else None,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, Lx, H)
+
+        # Logits in the user's layout: the output that predicts each user token's successor.
+        rows = torch.arange(layout.batch_size, device=hidden_states.device)[:, None]
+        user_hidden = hidden_states[rows, layout.next_token_index()]  # (B, L, H)
+        if labels is None:
+            user_hidden = slice_logits_to_keep(user_hidden, logits_to_keep)
+        logits = self.lm_head(user_hidden)
+
+        loss = ce_loss = vid_loss = None
+        if labels is not None:
+            ce_loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            loss = ce_loss
+            if distill:
+                student_states = hidden_states if final else outputs.hidden_states[hidden_index]  # (B, Lx, H)
+                vid_loss = self._etc_distill_loss(
+                    prepared, input_ids, attention_mask, labels, student_states, hidden_index, attention_layer
+                )
+                loss = ce_loss + self.etc.config.vid_weight * vid_loss
+        return self.etc_output_class(
+            loss=loss, logits=logits, ce_loss=ce_loss, vid_loss=vid_loss, **prepared.encoder_outputs
+        )
+
+    def _etc_distill_loss(
+        self, prepared: ETCInputs, input_ids, attention_mask, labels, student_states, hidden_index, attention_layer
+    ) -> torch.Tensor:
+        """The distillation loss: the decoder predicts X^ from the compression tokens' and the instruction's states
+        at the target layer."""
+        grids = self._etc_decoder_grids(prepared)
+        layout, spans = prepared.layout, prepared.spans
+        parts = self._etc_target(
+            prepared, input_ids, attention_mask, labels, hidden_index, attention_layer, student_states
+        )
+        target = parts["target"]
+        if grids is None:  # a decoder of fixed N: every image must have N tokens
+            num_visual = self.etc.config.num_visual_tokens
+            if bool((spans.num_tokens != num_visual).any()):
+                raise ValueError(
+                    f"ETC distillation: images have {spans.num_tokens.tolist()} visual tokens, the decoder was "
+                    f"built for num_visual_tokens={num_visual}"
+                )
+            target = torch.stack(target)  # (I, N, D)
+        instruction_index = parts["instruction_index"]
+        rows = spans.row[:, None]
+        compression_hidden = student_states[rows.expand_as(layout.compression_index), layout.compression_index]
+        # Mean of the instruction tokens' states (zeros for an image without instruction), extended layout.
+        ext_instruction = layout.ext_index[rows, instruction_index.clamp_min(0)]  # (I, T)
+        valid = (instruction_index >= 0)[..., None].to(student_states.dtype)
+        instruction_sum = (student_states[rows, ext_instruction] * valid).sum(1)  # (I, H)
+        instruction_hidden = instruction_sum / valid.sum(1).clamp_min(1.0)
+        return self.etc.distill(compression_hidden, instruction_hidden, target, grid_sizes=grids)
+
+    def _etc_target(
+        self, prepared: ETCInputs, input_ids, attention_mask, labels, hidden_index, attention_layer, student_states
+    ) -> dict:
+        """The distillation target: a dict with `target` (a list of X^ `(N_i, D)` float32), `scores` (a list of
+        `(N_i,)`, before min-max) and `instruction_index` `(I, T)` (user positions, -1 = none)."""
+        config = self.etc.config
+        spans = prepared.spans
+        instruction_index = common.instruction_index(
+            spans, prepared.visual_token_mask, attention_mask, labels, input_ids.shape[1]
+        )
+        teacher_states, recorder = self._etc_teacher_pass(
+            prepared, input_ids, attention_mask, hidden_index, attention_layer
+        )
+        rows = spans.row
+        key_mask = None if attention_mask is None else attention_mask.bool()[rows]
+        with torch.no_grad():
+            scores = instruction_scores_spans(
+                recorder.query[rows],
+                recorder.key[rows],
+                instruction_index,
+                spans.start,
+                spans.end,
+                key_mask=key_mask,
+                score_context=config.score_context,
+                scale=recorder.scale,
+            )  # I x (N_i,)
+            targets = []
+            for k in range(len(spans)):
+                row, start, end = int(spans.row[k]), int(spans.start[k]), int(spans.end[k])
+                if config.target_source == "teacher" or student_states is None:
+                    visual_hidden = teacher_states[row, start:end]  # (N_i, D)
+                else:
+                    visual_hidden = student_states.detach()[row, prepared.layout.ext_index[row, start:end]]
+                targets.append(instruction_aware_target(visual_hidden, scores[k], config.alpha))
+        return {"target": targets, "scores": scores, "instruction_index": instruction_index}
+
+    @torch.no_grad()
+    def _etc_instruction_target(self, prepared: ETCInputs, input_ids, attention_mask, labels) -> dict:
+        """`_etc_target` at the configured target layer, from the teacher's states (the public helpers'
+        `instruction_target`)."""
+        hidden_index, attention_layer = resolve_target_layer(
+            self.etc.config.target_layer, self.model.language_model.config.num_hidden_layers
+        )
+        return self._etc_target(prepared, input_ids, attention_mask, labels, hidden_index, attention_layer, None)
+
+    @torch.no_grad()
+    def _etc_teacher_pass(self, prepared: ETCInputs, input_ids, attention_mask, hidden_index, attention_layer):
+        """The unmasked, no-grad pass over the user's sequence (no compression tokens, the user's positions) that
+        gives the scores and X_v. Returns the hidden states at the target layer `(B, L, D)` and the recorder with
+        the score layer's q/k."""
+        modules, context = self._etc_teacher()
+        language_model = modules["language_model"]
+        with context:
+            inputs_embeds, token_inputs = self._etc_teacher_inputs(prepared, input_ids, modules)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            final = hidden_index == language_model.config.num_hidden_layers
+            with capture_query_key(language_model.config, attention_layer) as recorder:
+                outputs = self._etc_language_model(
+                    language_model,
+                    inputs_embeds,
+                    mask,
+                    prepared.position_ids,
+                    None,
+                    token_inputs,
+                    output_hidden_states=None if final else [hidden_index],
+                    **recorder.kwargs,
+                )
+        states = outputs.last_hidden_state if final else outputs.hidden_states[hidden_index]
+        return states, recorder
+
+    def _etc_teacher(self) -> tuple[dict, object]:
+        """The teacher's modules (name -> module, `language_model` always) and the context to run them in.
+
+        teacher="frozen": with peft, the model's own modules with the adapters off; under full fine-tuning, the
+        frozen snapshot of the starting model. teacher="self": the current language model, no mask, no grad."""
+        if self.etc.config.teacher == "frozen":
+            peft_layers = adapter_layers(self)
+            if peft_layers:
+                return self._etc_teacher_modules(peft_layers), adapters_disabled(peft_layers)
+            teacher = common.frozen_teacher(self, lambda base: base._etc_teacher_modules())
+            return dict(teacher.named_children()), nullcontext()
+        return {"language_model": self.model.language_model}, nullcontext()

@@ -13,7 +13,10 @@ __all__ = ["ETCGenerationMixin"]
 class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
     """Prefill into an `ETCCache`, decode from it, continue it."""
 
-    def _etc_prefill(self, prepared: ETCInputs, input_length: int, cache, method: str):
+    def _etc_prefill(self, prepared: ETCInputs, input_length: int, cache, method: str, **past):
+        """The compressed prefill of `prepared` into `cache` (an `ETCCache`, made when it is not one yet; `past`:
+        `past_valid` / `past_offset` of a cache that holds earlier turns, see `etc_prefill`). Returns the model
+        output with the last token's logits."""
         if not isinstance(cache, ETCCache):  # e.g. the empty DynamicCache generate() made
             cache = ETCCache(config=self.config)
         prefill = etc_prefill(
@@ -25,6 +28,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
             input_length=input_length,
             method=method,
             token_inputs=prepared.token_inputs,
+            **past,
         )
         logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
         return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
@@ -77,20 +81,14 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         past_images = state.position_offset // self.etc.config.num_compression_tokens  # (B,)
         visual_inputs = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
         prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs)
-        prefill = etc_prefill(
-            self._etc_run_language_model,
-            prepared.layout,
-            prepared.inputs_embeds,
+        return self._etc_prefill(
+            prepared,
+            total,
             cache,
-            self.model.language_model.config._attn_implementation,
-            input_length=total,
-            method=etc_prefill_method or self.etc.prefill_method,
-            token_inputs=prepared.token_inputs,
+            etc_prefill_method or self.etc.prefill_method,
             past_valid=mask[:, :cache_length].bool(),
             past_offset=state.position_offset,
         )
-        logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
-        return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
 
     def _etc_new_images(self, visual_inputs: dict, visual_token_mask, past_images) -> dict:
         """`visual_inputs` restricted to the images of the new tokens: all of them when only those were passed,

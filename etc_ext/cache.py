@@ -12,17 +12,21 @@ index_select/gather calls):
   prefill and the baselines run (`empty_slots=True` for right-aligned indices with -1 in
   front, `layers=` for FastV-style pruning of the first layers only).
 
-Saving and loading a compressed cache: `etc_ext.cache_store`; continuing one: `etc_ext.continuation`.
+The compressed cache itself: `ETCCache` (a `DynamicCache` with an `ETCCacheState`: which entries are real, how
+user-layout positions map onto it). Saving and loading one: `etc_ext.cache_store`; continuing one:
+`etc_ext.continuation`.
 
 Positions are kept, not renumbered: the caller keeps passing the original position ids (or
 cache_position) for later tokens; `cache.get_seq_length()` becomes K.
 """
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache
 
-__all__ = ["compact_kv_layers", "compact_dynamic_cache"]
+__all__ = ["compact_kv_layers", "compact_dynamic_cache", "ETCCacheState", "ETCCache"]
 
 _OP = "compact_kv"
 
@@ -175,3 +179,92 @@ def compact_dynamic_cache(
     for i, (new_key, new_value) in zip(live, _compact_pairs(pairs, keep_index, empty_slots)):
         layers[i].keys = new_key
         layers[i].values = new_value
+
+
+# ============================================================================ the compressed cache
+@dataclass
+class ETCCacheState:
+    """What decoding needs to know about a compacted cache.
+
+    Attributes:
+        attention_mask: bool `(B, C0)`, which of the C0 entries after the prefill are real.
+        input_length: length of the user's input_ids the prefill consumed (generate()'s 2-D attention mask covers
+            these, then one column per new token).
+        position_offset: `(B,)` M * images per row: user-layout position ids + offset = extended positions.
+        next_position: `(B,)` position of the first token after the prompt.
+    """
+
+    attention_mask: torch.Tensor
+    input_length: int
+    position_offset: torch.Tensor
+    next_position: torch.Tensor
+
+    @property
+    def prefill_length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def covered_length(self, cache_length: int) -> int:
+        """How many tokens of the user's sequence a cache of `cache_length` entries holds: the prefill's input,
+        then one token per entry added since."""
+        return self.input_length + cache_length - self.prefill_length
+
+    def decode_inputs(
+        self,
+        cache_length: int,
+        query_length: int,
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """2-D attention mask `(B, cache_length + query_length)` and positions `(B, query_length)` for new tokens.
+
+        Args:
+            attention_mask: the user's 2-D mask `(B, input_length + new tokens so far)` as generate() grows it, or None.
+            position_ids: user-layout positions `(B, query_length)` of the new tokens, or None.
+        """
+        batch_size = self.attention_mask.shape[0]
+        device = self.attention_mask.device
+        new_columns = cache_length - self.prefill_length + query_length
+        if attention_mask is None:
+            tail = torch.ones(batch_size, new_columns, dtype=torch.bool, device=device)
+        else:
+            tail = attention_mask[:, self.input_length :].bool().to(device)
+            if tail.shape[1] != new_columns:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} columns; with an ETC cache it must cover the "
+                    f"{self.input_length} prompt tokens plus the {new_columns} tokens since (got {tail.shape[1]})."
+                )
+        mask = torch.cat([self.attention_mask, tail], dim=1).long()
+        if position_ids is None:
+            start = self.next_position + (cache_length - self.prefill_length)
+            positions = start[:, None] + torch.arange(query_length, device=device)[None]
+        else:
+            positions = position_ids.to(device) + self.position_offset[:, None]
+        return mask, positions
+
+    def _map(self, fn) -> None:
+        self.attention_mask = fn(self.attention_mask)
+        self.position_offset = fn(self.position_offset)
+        self.next_position = fn(self.next_position)
+
+
+class ETCCache(DynamicCache):
+    """A `DynamicCache` that holds a compacted ETC prefill (M entries per image per layer) and its `etc_state`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.etc_state: Optional[ETCCacheState] = None
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.etc_state is not None:
+            self.etc_state._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.etc_state is not None:
+            self.etc_state._map(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.etc_state is not None:
+            self.etc_state._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

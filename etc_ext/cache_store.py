@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .compress import ETCCache, ETCCacheState
+from .cache import ETCCache, ETCCacheState
 
 __all__ = ["save_compressed_cache", "load_compressed_cache", "cache_identity"]
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.common import unwrap_peft
+
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +221,7 @@ class GenerationProbe:
 
 
 def _num_compression_tokens(model: nn.Module) -> int | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     etc = getattr(base, "etc", None)
     if etc is None or not getattr(etc, "enabled", True):
         return None

@@ -80,6 +80,8 @@ from .distributed import (
     unwrap_model,
     wrap_ddp,
 )
+from .models.common import LORA_TARGET_MODULES, unwrap_peft
+from .models.loading import TRAINING_INFO_NAME
 
 
 logger = logging.getLogger(__name__)
@@ -88,11 +90,10 @@ IGNORE_INDEX = -100
 # Batch entries that are not model inputs (the collator's bookkeeping).
 NON_MODEL_INPUTS = ("num_images", "token_type_ids")
 # peft target of --lora: the attention and MLP projections of the language model (not the vision tower).
-DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+DEFAULT_LORA_TARGET = LORA_TARGET_MODULES
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_NAME = "metrics.jsonl"
-TRAINING_INFO_NAME = "training_info.json"
 
 
 def _arg(default: Any = None, help: str = "", group: str = "training", flag: str | None = None, **metadata):
@@ -791,9 +792,7 @@ class Trainer:
 
 def _base(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP and peft wrappers."""
-    model = unwrap_model(model)
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
+    return unwrap_peft(unwrap_model(model))
 
 
 def _etc_modules(model: nn.Module):

@@ -24,6 +24,7 @@ __all__ = [
     "ETC_WEIGHTS_NAME",
     "BASE_WEIGHTS_NAME",
     "ADAPTER_DIR",
+    "LORA_TARGET_MODULES",
     "ETCModules",
     "FrozenTeacher",
     "unwrap_peft",
@@ -42,6 +43,9 @@ ETC_CONFIG_NAME = "etc_config.json"
 ETC_WEIGHTS_NAME = "etc_model.safetensors"
 BASE_WEIGHTS_NAME = "base_model.safetensors"  # fine-tuned base weights (projector, language model), full fine-tuning
 ADAPTER_DIR = "adapter"  # peft adapters (LoRA), as PeftModel.save_pretrained writes them
+# The LLM's linear layers (attention and MLP), not the vision tower's: the paper's LoRA setup (rank 8 on Qwen3-VL-2B),
+# and the default peft target of `etc-ext train --lora`.
+LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class ETCModules(nn.Module):

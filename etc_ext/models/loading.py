@@ -18,6 +18,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from .common import ETC_CONFIG_NAME, unwrap_peft
+
 
 # Model class name -> module of etc_ext.models implementing apply_etc & co. for it (matched along the MRO, so
 # subclasses, e.g. the ETC class apply_etc swaps in, resolve to the same integration).
@@ -25,13 +27,7 @@ INTEGRATIONS = {
     "LlavaForConditionalGeneration": "llava",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
-ETC_CONFIG_NAME = "etc_config.json"  # as written by etc_ext.models.common.save_pretrained
 TRAINING_INFO_NAME = "training_info.json"  # written by etc-ext train next to the final weights
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    get_base_model = getattr(model, "get_base_model", None)  # peft.PeftModel
-    return get_base_model() if callable(get_base_model) else model
 
 
 def integration_for(model: nn.Module) -> ModuleType:
@@ -41,7 +37,7 @@ def integration_for(model: nn.Module) -> ModuleType:
         NotImplementedError: ETC has no integration for this model class (the message lists the supported ones).
         ImportError: the integration module is not available in this installation.
     """
-    base = _base_model(model)
+    base = unwrap_peft(model)
     for cls in type(base).__mro__:
         family = INTEGRATIONS.get(cls.__name__)
         if family is not None:
@@ -54,7 +50,7 @@ def integration_for(model: nn.Module) -> ModuleType:
 
 def vision_tower_of(model: nn.Module) -> nn.Module | None:
     """The vision encoder of a VLM (LLaVA's `model.vision_tower`, Qwen-VL's `model.visual`), or None."""
-    base = _base_model(model)
+    base = unwrap_peft(model)
     for owner in (getattr(base, "model", None), base):
         for name in ("vision_tower", "visual"):
             module = getattr(owner, name, None) if owner is not None else None
@@ -141,7 +137,7 @@ def load_for_inference(
         model = integration.from_pretrained(model, etc)
         if hasattr(model, "merge_and_unload"):  # LoRA adapters: merge for inference
             model = model.merge_and_unload()
-        etc_config = _base_model(model).etc.config
+        etc_config = unwrap_peft(model).etc.config
         model.to(device)
         # processor files saved with the ETC parts take precedence (same tokenizer, but keep what training used)
         if os.path.isfile(os.path.join(etc, "processor_config.json")):

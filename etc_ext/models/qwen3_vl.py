@@ -41,7 +41,7 @@ from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from ..compress import VISUAL, insert_compression_tokens
 from ..config import ETCConfig
 from . import common
-from .common import ETCModules, unwrap_peft
+from .common import LORA_TARGET_MODULES, ETCModules, unwrap_peft
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 from .qwen3_vl_inputs import (
     MM_TEXT,
@@ -71,8 +71,6 @@ __all__ = [
     "decoder_position_grid",
 ]
 
-# The LLM's linear layers (attention and MLP), not the vision tower's: the paper's LoRA setup for Qwen3-VL-2B.
-LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 PIXEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 

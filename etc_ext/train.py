@@ -489,11 +489,12 @@ class Trainer:
             apply_fsdp(model, context, param_dtype)
             teacher = getattr(getattr(_base(model), "etc", None), "frozen_teacher", None)
             if teacher is not None:  # shard the frozen teacher too: a full copy per rank defeats FSDP
-                # (the integration embeds the teacher's input ids itself, outside language_model.forward: the
-                # embedding stays replicated)
-                embeddings = teacher.language_model.get_input_embeddings()
-                apply_fsdp(teacher.language_model, context, param_dtype, replicated_modules=(embeddings,))
-                apply_fsdp(teacher.projector, context, param_dtype)
+                # Its modules are the backbone's choice (LLaVA: projector + language_model; Qwen3-VL: language_model,
+                # and visual when it trains). The integration embeds the teacher's input ids itself, outside
+                # language_model.forward: that embedding stays replicated.
+                for name, module in teacher.named_children():
+                    replicated = (module.get_input_embeddings(),) if name == "language_model" else ()
+                    apply_fsdp(module, context, param_dtype, replicated_modules=replicated)
             return model
         return wrap_ddp(model, context, args.ddp_find_unused_parameters)
 
@@ -593,11 +594,13 @@ class Trainer:
                     outputs = self.wrapped(**inputs, use_cache=False, num_items_in_batch=num_items)
                 ce = getattr(outputs, "ce_loss", None)
                 ce = outputs.loss if ce is None else ce
+                # The model's loss is ce + vid_weight * vid. The CE is already normalised over the whole step
+                # (num_items_in_batch); the distillation part is a per-batch mean, so it is averaged over the
+                # micro-batches of the step.
+                loss = ce + (outputs.loss - ce) / len(group)
                 vid = getattr(outputs, "vid_loss", None)
-                loss = ce
                 if vid is not None:
                     has_vid = True
-                    loss = loss + vid_weight * vid / len(group)
                     vid_sum += vid.detach().float() / len(group)
                 loss.backward()
             ce_sum += ce.detach().float() / world

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .baselines import METHODS
+
 __all__ = [
     "BASELINE_METHODS",
     "e2e_rows",
@@ -47,7 +49,7 @@ __all__ = [
     "main",
 ]
 
-BASELINE_METHODS = ("mean", "subsample", "fastv", "visionzip", "instruction_merge")
+BASELINE_METHODS = METHODS  # every training-free baseline, in the order etc_ext.baselines lists them
 BUDGETS = (1, 4, 16)
 MiB = 2**20
 

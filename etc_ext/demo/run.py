@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..baselines import METHODS
 from . import recipe
 from .artifacts import FULL_NAME, checkpoint_path, read_manifest
 
 
-BASELINE_METHODS = ("mean", "subsample", "fastv", "visionzip", "instruction_merge")
+BASELINE_METHODS = METHODS
 BASELINE_LABELS = {
     "mean": "mean pooling",
     "subsample": "uniform subsampling",

@@ -4,6 +4,7 @@ index_select/gather loop."""
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import etc_ext  # noqa: F401
 from etc_ext.cache import compact_dynamic_cache, compact_kv_layers
@@ -11,10 +12,6 @@ from etc_ext.cache import compact_dynamic_cache, compact_kv_layers
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
 DTYPES = [torch.float32, torch.bfloat16]
 SEQ_LEN = 40
 

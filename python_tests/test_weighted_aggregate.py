@@ -4,6 +4,7 @@ opcheck, torch.compile and argument errors. CUDA variants run when a GPU is pres
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import etc_ext  # noqa: F401  (registers torch.ops.etc_ext.*)
 from etc_ext import ops, reference
@@ -13,10 +14,6 @@ TOKENS = [1, 7, 577]
 ROWS = [1, 3, 16]
 CHANNELS = [5, 131]
 SEEDS = [0]
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
 # (rtol, atol) against the float64 computation, for outputs of magnitude ~1.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),

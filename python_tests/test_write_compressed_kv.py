@@ -6,6 +6,7 @@ present."""
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import etc_ext  # noqa: F401  (registers torch.ops.etc_ext.*)
 from etc_ext import ops, reference
@@ -14,10 +15,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KV_HEADS = [1, 2, 8]  # GQA-like: a few kv heads
 HEAD_DIMS = [17, 64]
 SEEDS = [0]
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
 # (rtol, atol) of the merged (weights) entries against float64, by cache dtype.
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),

@@ -274,3 +274,21 @@ def test_follow_up_question_continues_the_compressed_cache(method):
     assert torch.equal(continued.sequences, tokens)
     for a, b in zip(continued.logits, logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_text_only_prompt_may_generate_the_image_token_id(backbone):
+    """A text-only prompt decodes like the original model even when it generates the image token id."""
+    if backbone == "llava":
+        original, image = llava_helpers.tiny_llava(), llava_helpers.IMAGE
+        model = llava.apply_etc(copy.deepcopy(original), llava_helpers.small_config())
+    else:
+        original, image = qwen_helpers.tiny_qwen3_vl(), qwen_helpers.IMAGE
+        model = qwen3_vl.apply_etc(copy.deepcopy(original), qwen_helpers.small_config())
+    prompt = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(3))
+    forced = dict(max_new_tokens=4, do_sample=False, sequence_bias={(image,): 1e4})  # the image id every step
+    with torch.no_grad():
+        expected = original.generate(input_ids=prompt, **forced)
+        generated = model.generate(input_ids=prompt, **forced)
+    assert (expected[:, 6:] == image).all()
+    assert torch.equal(generated, expected)

@@ -105,6 +105,10 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())
         if not has_visual_inputs and not has_visual_tokens:
             return original_forward(**base_kwargs)  # nothing to compress: text only
+        if not has_visual_inputs and cache is not None and cache.get_seq_length() > 0:
+            # Decoding a text-only prompt (a plain, uncompressed cache): an image token id here was generated as
+            # text, and the original model treats it as text too.
+            return original_forward(**base_kwargs)
 
         check_etc_inputs(input_ids, inputs_embeds, labels, kwargs)
         self._etc_check_visual_inputs(visual_inputs)

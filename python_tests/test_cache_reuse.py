@@ -292,3 +292,12 @@ def test_text_only_prompt_may_generate_the_image_token_id(backbone):
         generated = model.generate(input_ids=prompt, **forced)
     assert (expected[:, 6:] == image).all()
     assert torch.equal(generated, expected)
+
+
+def test_labels_on_a_compressed_cache_are_refused():
+    model = llava_model()
+    inputs, labels = llava_helpers.make_batch([[2, "I", 5]], seed=1, answer=2)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+        with pytest.raises(ValueError, match="labels go with the training forward"):
+            model(**inputs, labels=labels, cache=cache)

@@ -45,7 +45,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
 
     def _etc_continue(
         self, original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask, position_ids,
-        cache, has_visual_inputs, etc_prefill_method, kwargs,
+        cache, has_visual_inputs, etc_prefill_method,
     ):  # fmt: skip
         """New tokens on a cache that holds a compressed prefill: decoding, the question after a reused image cache,
         or a later turn of a conversation (with or without new images).
@@ -57,8 +57,6 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         images' placeholders are compressed, against the cache."""
         if input_ids is None:
             raise ValueError("ETC: continuing a compressed cache needs input_ids (not inputs_embeds)")
-        if kwargs.get("labels") is not None:
-            raise ValueError("ETC: labels go with the training forward (no cache)")
         state = cache.etc_state
         cache_length = cache.get_seq_length()
         covered = state.covered_length(cache_length)

@@ -97,9 +97,11 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
 
         has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
         if getattr(cache, "etc_state", None) is not None:  # a cache holding a compressed prefill: continue it
+            if labels is not None:
+                raise ValueError("ETC: labels go with the training forward (no cache)")
             return self._etc_continue(
                 original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask,
-                position_ids, cache, has_visual_inputs, etc_prefill_method, kwargs,
+                position_ids, cache, has_visual_inputs, etc_prefill_method,
             )  # fmt: skip
         visual_token_mask = None if input_ids is None else self._etc_visual_token_mask(input_ids)
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())

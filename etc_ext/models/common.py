@@ -149,12 +149,12 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
     )
     etc.to(device=embeddings.device, dtype=embeddings.dtype)
     etc.original_class = type(base)
-    base.__class__ = etc_subclass(type(base), etc_class)
-    tower = base._etc_vision_tower()
+    tower = etc_class._etc_vision_tower(base)  # the model's class is swapped last: nothing below can fail
     etc.vision_requires_grad = [p.requires_grad for p in tower.parameters()]
     if config.freeze_vision_tower:
         tower.requires_grad_(False)
     base.etc = etc
+    base.__class__ = etc_subclass(type(base), etc_class)
     return model
 
 

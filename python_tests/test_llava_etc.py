@@ -604,3 +604,21 @@ def test_bad_inputs_raise_clear_errors():
         apply_etc(model, small_config())
     with pytest.raises(ValueError, match="target_layer"):
         apply_etc(tiny_llava(), small_config(target_layer=7))
+
+
+def test_shift_labels_give_the_loss_of_the_labels_they_shift():
+    """Sequence parallelism passes labels already shifted (`shift_labels`): the loss (CE and VID) must use them."""
+    model = apply_etc(tiny_llava(), small_config())
+    inputs, labels = make_batch(CHAT, answer=3)
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels)
+        shifted = model(**inputs, shift_labels=shift_labels)
+        other = shift_labels.clone()
+        other[other != -100] = (other[other != -100] + 1) % 90
+        changed = model(**inputs, shift_labels=other)
+    torch.testing.assert_close(shifted.ce_loss, expected.ce_loss)
+    torch.testing.assert_close(shifted.vid_loss, expected.vid_loss)
+    assert not torch.allclose(changed.ce_loss, expected.ce_loss)
+    with pytest.raises(ValueError, match="shift_labels must have the shape of input_ids"):
+        model(**inputs, shift_labels=shift_labels[:, 1:])

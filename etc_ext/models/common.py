@@ -235,6 +235,11 @@ def check_etc_inputs(input_ids, inputs_embeds, labels, kwargs: dict) -> None:
         raise ValueError("ETC needs input_ids (not inputs_embeds) to find the images and insert its tokens")
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is not None and shift_labels.shape != input_ids.shape:
+        raise ValueError(
+            f"shift_labels must have the shape of input_ids {list(input_ids.shape)}, got {list(shift_labels.shape)}"
+        )
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.get(flag):
             raise NotImplementedError(f"ETC: {flag} is not supported with compression enabled")

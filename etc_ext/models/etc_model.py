@@ -115,7 +115,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         check_etc_inputs(input_ids, inputs_embeds, labels, kwargs)
         self._etc_check_visual_inputs(visual_inputs)
         prefill = cache is not None or bool(use_cache)
-        if prefill and labels is not None:
+        if prefill and (labels is not None or kwargs.get("shift_labels") is not None):
             raise ValueError(
                 "ETC: labels go with the training forward (no cache); the prefill (cache / use_cache=True) returns "
                 "only the last token's logits."

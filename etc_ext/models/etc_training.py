@@ -25,13 +25,22 @@ class ETCTrainingMixin(ETCBackboneHooks):
     """The masked forward with `loss = ce_loss + vid_weight * vid_loss`, the distillation target and the teacher."""
 
     def _etc_masked_forward(self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs):
-        """The single pass under the bottleneck mask (training, and the oracle for the prefill)."""
+        """The single pass under the bottleneck mask (training, and the oracle for the prefill).
+
+        `kwargs["shift_labels"]` (the user's labels already shifted, as sequence parallelism passes them) go to the
+        loss like `labels`; distillation then reads which tokens are answers from them."""
+        shift_labels = kwargs.get("shift_labels")
+        supervised = labels is not None or shift_labels is not None
+        if labels is None and shift_labels is not None:  # labels[t] = shift_labels[t - 1]: the answer tokens
+            labels_for_target = torch.nn.functional.pad(shift_labels[:, :-1], (1, 0), value=-100)
+        else:
+            labels_for_target = labels
         layout = prepared.layout
         language_model = self.model.language_model
         mask = to_attention_mask(
             bottleneck_mask(layout), language_model.config._attn_implementation, prepared.inputs_embeds.dtype
         )
-        distill = labels is not None and self.etc.distill is not None
+        distill = supervised and self.etc.distill is not None
         hidden_index, attention_layer = resolve_target_layer(
             self.etc.config.target_layer, language_model.config.num_hidden_layers
         )
@@ -50,23 +59,25 @@ class ETCTrainingMixin(ETCBackboneHooks):
         # Logits in the user's layout: the output that predicts each user token's successor.
         rows = torch.arange(layout.batch_size, device=hidden_states.device)[:, None]
         user_hidden = hidden_states[rows, layout.next_token_index()]  # (B, L, H)
-        if labels is None:
+        if not supervised:
             user_hidden = slice_logits_to_keep(user_hidden, logits_to_keep)
         logits = self.lm_head(user_hidden)
 
         loss = ce_loss = vid_loss = None
-        if labels is not None:
+        if supervised:
             ce_loss = self.loss_function(
                 logits=logits,
                 labels=labels,
                 vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
+                shift_labels=shift_labels,
             )
             loss = ce_loss
             if distill:
                 student_states = hidden_states if final else outputs.hidden_states[hidden_index]  # (B, Lx, H)
                 vid_loss = self._etc_distill_loss(
-                    prepared, input_ids, attention_mask, labels, student_states, hidden_index, attention_layer
+                    prepared, input_ids, attention_mask, labels_for_target, student_states, hidden_index,
+                    attention_layer,
                 )
                 loss = ce_loss + self.etc.config.vid_weight * vid_loss
         return self.etc_output_class(

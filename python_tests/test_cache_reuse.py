@@ -301,3 +301,36 @@ def test_labels_on_a_compressed_cache_are_refused():
         cache = model(**inputs, use_cache=True).cache
         with pytest.raises(ValueError, match="labels go with the training forward"):
             model(**inputs, labels=labels, cache=cache)
+
+
+# ============================================================================ assisted decoding
+def _assisted_pair(backbone):
+    if backbone == "llava":
+        plain = llava_helpers.tiny_llava()
+        etc = llava.apply_etc(copy.deepcopy(plain), llava_helpers.small_config())
+        inputs, _ = llava_helpers.make_batch([[2, "I", 5]])
+    else:
+        plain = qwen_helpers.tiny_qwen3_vl()
+        etc = qwen3_vl.apply_etc(copy.deepcopy(plain), qwen_helpers.small_config())
+        inputs, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+    return plain, etc, inputs
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_assisted_decoding_gives_the_greedy_tokens(backbone):
+    """An ETC model verifying a plain assistant's candidates (its prefill returns the candidates' logits) gives its
+    own greedy tokens."""
+    plain, etc, inputs = _assisted_pair(backbone)
+    settings = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        assisted = etc.generate(**inputs, assistant_model=plain, **settings)
+        assert torch.equal(assisted, etc.generate(**inputs, **settings))
+
+
+def test_prefill_logits_for_tokens_before_the_last_image_are_refused():
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch([[2, "I", 3]])
+    with torch.no_grad():
+        assert model(**inputs, use_cache=True, logits_to_keep=3).logits.shape[1] == 3
+        with pytest.raises(ValueError, match="outputs only for the text after it"):
+            model(**inputs, use_cache=True, logits_to_keep=5)

@@ -13,10 +13,13 @@ __all__ = ["ETCGenerationMixin"]
 class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
     """Prefill into an `ETCCache`, decode from it, continue it."""
 
-    def _etc_prefill(self, prepared: ETCInputs, input_length: int, cache, method: str, **past):
+    def _etc_prefill(
+        self, prepared: ETCInputs, input_length: int, cache, method: str, logits_to_keep=1, **past
+    ):  # fmt: skip
         """The compressed prefill of `prepared` into `cache` (an `ETCCache`, made when it is not one yet; `past`:
         `past_valid` / `past_offset` of a cache that holds earlier turns, see `etc_prefill`). Returns the model
-        output with the last token's logits."""
+        output with the logits of each row's last `logits_to_keep` tokens (1 when 0 / not an int: only the tokens
+        of the last pass have outputs; assisted decoding asks for its candidates')."""
         if not isinstance(cache, ETCCache):  # e.g. the empty DynamicCache generate() made
             cache = ETCCache(config=self.config)
         prefill = etc_prefill(
@@ -30,8 +33,12 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
             token_inputs=prepared.token_inputs,
             **past,
         )
-        logits = self.lm_head(prefill.last_hidden_state[:, None])  # (B, 1, V)
-        return self.etc_output_class(logits=logits, cache=cache, **prepared.encoder_outputs)
+        keep = logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 1 else 1
+        if keep == 1:
+            hidden = prefill.last_hidden_state[:, None]  # (B, 1, H)
+        else:
+            hidden = _last_user_outputs(prefill, prepared.layout, keep)  # (B, keep, H)
+        return self.etc_output_class(logits=self.lm_head(hidden), cache=cache, **prepared.encoder_outputs)
 
     def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
         if input_ids is None:
@@ -84,6 +91,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
             total,
             cache,
             etc_prefill_method or self.etc.prefill_method,
+            logits_to_keep=base_kwargs.get("logits_to_keep", 1),
             past_valid=mask[:, :cache_length].bool(),
             past_offset=state.position_offset,
         )
@@ -111,3 +119,26 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         """`(B,)` runs of visual tokens per row (one per image)."""
         starts = visual_token_mask & ~torch.nn.functional.pad(visual_token_mask[:, :-1], (1, 0))
         return starts.sum(-1)
+
+
+def _last_user_outputs(prefill, layout, keep: int) -> torch.Tensor:
+    """`(B, keep, H)` outputs of the prefill's last pass that predict the successors of each row's last `keep` user
+    tokens.
+
+    Raises:
+        ValueError: some of those tokens were not in the last pass (they precede the last image).
+    """
+    wanted = layout.next_token_index()[:, -keep:]  # (B, keep) extended positions
+    rows = torch.arange(layout.batch_size, device=wanted.device)[:, None]
+    column_of = torch.full((layout.batch_size, layout.length), -1, dtype=torch.long, device=wanted.device)
+    valid = prefill.index >= 0
+    columns = torch.arange(prefill.index.shape[1], device=wanted.device).expand_as(prefill.index)
+    column_of[rows.expand_as(prefill.index)[valid], prefill.index[valid]] = columns[valid]
+    found = column_of.gather(1, wanted)
+    if bool((found < 0).any()):
+        raise ValueError(
+            f"ETC: logits_to_keep={keep} asks for outputs of tokens before the last image; the compressed prefill has "
+            "outputs only for the text after it"
+        )
+    return prefill.hidden_states[rows, found]
+

@@ -124,7 +124,8 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
         prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs)
         if prefill:
-            return self._etc_prefill(prepared, input_ids.shape[1], cache, etc_prefill_method or self.etc.prefill_method)
+            method = etc_prefill_method or self.etc.prefill_method
+            return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
         return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs)
 
     def _etc_language_model(self, language_model, inputs_embeds, attention_mask, position_ids, cache, token_inputs,

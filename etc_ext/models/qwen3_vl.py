@@ -223,6 +223,10 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         mm_token_type_ids, encoded = visual_inputs["mm_token_type_ids"], visual_inputs["encoded"]
         if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[1]:
             mm_token_type_ids = mm_token_type_ids[..., -input_ids.shape[1] :]  # the whole conversation's
+        elif mm_token_type_ids is not None and mm_token_type_ids.shape[-1] < input_ids.shape[1]:
+            # generate() appends tokens (assisted decoding's candidates) without extending the types: text
+            missing = input_ids.shape[1] - mm_token_type_ids.shape[-1]
+            mm_token_type_ids = torch.nn.functional.pad(mm_token_type_ids, (0, missing), value=MM_TEXT)
         pixel_inputs = {name: visual_inputs[name] for name in PIXEL_INPUTS}
         image_mask = input_ids == self.config.image_token_id  # (B, L)
         video_mask = input_ids == self.config.video_token_id

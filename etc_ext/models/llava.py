@@ -75,7 +75,8 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
           (the logits after an image's last visual token come from its last compression token), so `labels` are the
           user's. With `labels`: `loss = ce_loss + vid_weight * vid_loss`.
         - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
-          `logits` `(batch_size, 1, vocab_size)` are those of each row's last token.
+          `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens
+          (tokens of the text after the last image).
         - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` are in the user's
           layout (as generate() makes them) and are mapped onto the compacted cache.
 

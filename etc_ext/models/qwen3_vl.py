@@ -122,7 +122,8 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
           `(batch_size, sequence_length, vocab_size)`, so `labels` are the user's. With `labels`:
           `loss = ce_loss + vid_weight * vid_loss`.
         - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
-          `logits` `(batch_size, 1, vocab_size)` are those of each row's last token.
+          `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens
+          (tokens of the text after the last image).
         - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` (2-D, or 3-D with 3
           or 4 rows as generate() makes them) are in the user's layout and are mapped onto the compacted cache.
 

@@ -334,3 +334,10 @@ def test_prefill_logits_for_tokens_before_the_last_image_are_refused():
         assert model(**inputs, use_cache=True, logits_to_keep=3).logits.shape[1] == 3
         with pytest.raises(ValueError, match="outputs only for the text after it"):
             model(**inputs, use_cache=True, logits_to_keep=5)
+
+
+def test_a_static_cache_is_refused_not_replaced():
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch(llava_helpers.CHAT)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs a DynamicCache; got a StaticCache"):
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")

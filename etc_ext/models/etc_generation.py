@@ -2,6 +2,7 @@
 cache, and continuing it with new tokens (a reused image cache, a later turn, new images)."""
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from ..compress import ETCCache, etc_prefill
 from ..continuation import CompressedCacheGenerationMixin, new_token_count
@@ -39,6 +40,15 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         else:
             hidden = _last_user_outputs(prefill, prepared.layout, keep)  # (B, keep, H)
         return self.etc_output_class(logits=self.lm_head(hidden), cache=cache, **prepared.encoder_outputs)
+
+    @staticmethod
+    def _etc_check_cache(cache) -> None:
+        """The prefill compacts the cache: it must be a `DynamicCache` (never silently replaced by one)."""
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"ETC drops each image's visual entries from the cache, which needs a DynamicCache; got a "
+                f"{type(cache).__name__} (e.g. generate(cache_implementation='static')): use the default dynamic cache"
+            )
 
     def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
         if input_ids is None:

@@ -120,6 +120,8 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
                 "ETC: labels go with the training forward (no cache); the prefill (cache / use_cache=True) returns "
                 "only the last token's logits."
             )
+        if prefill:
+            self._etc_check_cache(cache)
         if prefill and cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
         prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs)

@@ -622,3 +622,20 @@ def test_shift_labels_give_the_loss_of_the_labels_they_shift():
     assert not torch.allclose(changed.ce_loss, expected.ce_loss)
     with pytest.raises(ValueError, match="shift_labels must have the shape of input_ids"):
         model(**inputs, shift_labels=shift_labels[:, 1:])
+
+
+def test_an_etc_class_made_without_etc_parts_runs_as_the_original_and_takes_apply_etc():
+    """`type(etc_model)(config)` (or the ETC class's from_pretrained) builds a model without `.etc`: it runs as the
+    original model, and apply_etc / remove_etc work on it."""
+    original = tiny_llava()
+    etc_model = apply_etc(copy.deepcopy(original), small_config())
+    fresh = type(etc_model)(original.config)
+    fresh.load_state_dict(original.state_dict())
+    fresh.eval()
+    inputs, _ = make_batch(CHAT)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, original(**inputs).logits, rtol=0, atol=0)
+    apply_etc(fresh, small_config())
+    assert type(fresh) is ETCLlavaForConditionalGeneration and hasattr(fresh, "etc")
+    remove_etc(fresh)
+    assert type(fresh) is LlavaForConditionalGeneration

@@ -148,14 +148,25 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
         config, initializer_range=getattr(text_config, "initializer_range", 0.02), position_grid=position_grid
     )
     etc.to(device=embeddings.device, dtype=embeddings.dtype)
-    etc.original_class = type(base)
+    etc.original_class = _original_class(type(base), etc_class)
     tower = etc_class._etc_vision_tower(base)  # the model's class is swapped last: nothing below can fail
     etc.vision_requires_grad = [p.requires_grad for p in tower.parameters()]
     if config.freeze_vision_tower:
         tower.requires_grad_(False)
     base.etc = etc
-    base.__class__ = etc_subclass(type(base), etc_class)
+    base.__class__ = etc_subclass(etc.original_class, etc_class)
     return model
+
+
+def _original_class(cls: type, etc_class: type) -> type:
+    """The Hugging Face class under `cls`: `cls` itself, or for a model made as an ETC class without ETC parts
+    (`type(etc_model)(config)`, `ETCLlavaForConditionalGeneration.from_pretrained(...)`) the first class of its MRO
+    that is not one of ETC's."""
+    from .etc_hooks import ETCBackboneHooks
+
+    return next(
+        c for c in cls.__mro__ if issubclass(c, etc_class.etc_base_class) and not issubclass(c, ETCBackboneHooks)
+    )
 
 
 def uninstall_etc(model: nn.Module) -> nn.Module:

@@ -92,7 +92,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         cache, labels, use_cache = kwargs.pop("cache", None), kwargs.pop("labels", None), kwargs.pop("use_cache", None)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
         original_forward = super().forward  # the Hugging Face class after ETCMixin in the MRO
-        if not self.etc.enabled:
+        if getattr(self, "etc", None) is None or not self.etc.enabled:  # no ETC parts (a bare ETC class) or off
             return original_forward(**base_kwargs)
 
         has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)

@@ -639,3 +639,15 @@ def test_an_etc_class_made_without_etc_parts_runs_as_the_original_and_takes_appl
     assert type(fresh) is ETCLlavaForConditionalGeneration and hasattr(fresh, "etc")
     remove_etc(fresh)
     assert type(fresh) is LlavaForConditionalGeneration
+
+
+def test_disabling_etc_stops_its_parameters_from_requiring_grad():
+    """Disabled ETC parameters get no gradient, so they must not require one (DDP would need
+    find_unused_parameters); enabling restores what required grad before."""
+    model = apply_etc(tiny_llava(), small_config())
+    model.etc.distill.requires_grad_(False)  # a user's choice, kept across the toggle
+    before = [p.requires_grad for p in model.etc.parameters()]
+    model.etc.enabled = False
+    assert not any(p.requires_grad for p in model.etc.parameters())
+    model.etc.enabled = True
+    assert [p.requires_grad for p in model.etc.parameters()] == before and any(before)

@@ -57,7 +57,9 @@ class ETCModules(nn.Module):
             embeddings (`gh * gw == config.num_visual_tokens`), see `etc_ext.distill.VIDDecoder`.
         compression_tokens: the `[M, hidden_size]` embeddings inserted after each image.
         distill: the training-only decoder and variances (`None` when `config.loss == "none"`).
-        enabled: when False the patched model runs exactly as the original one.
+        enabled: when False the patched model runs exactly as the original one, and ETC's parameters stop requiring
+            grad (they would get none: DDP would need find_unused_parameters); True again restores their
+            `requires_grad`. The vision tower stays as apply_etc left it (remove_etc restores it).
         prefill_method: "auto" (segmented two-pass prefill when possible, else masked single pass), "segmented"
             or "masked"; `forward(..., etc_prefill_method=...)` overrides it per call.
     """
@@ -75,8 +77,25 @@ class ETCModules(nn.Module):
             if config.loss != "none"
             else None
         )
-        self.enabled = True
+        self._enabled = True
         self.prefill_method = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        value = bool(value)
+        if value == self._enabled:
+            return
+        if not value:  # remember what trains with ETC on
+            self._grad_when_enabled = [p.requires_grad for p in self.parameters()]
+            self.requires_grad_(False)
+        else:
+            for param, requires_grad in zip(self.parameters(), self._grad_when_enabled):
+                param.requires_grad_(requires_grad)
+        self._enabled = value
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, prefill_method={self.prefill_method!r}"

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from ..compress import default_position_ids, find_image_spans, insert_compression_tokens, record_input
 from ..config import ETCConfig
@@ -64,7 +66,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         image_sizes: Optional[torch.Tensor] = None,
         mm_encoder_outputs=None,
         etc_prefill_method: Optional[str] = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ETCLlavaCausalLMOutputWithPast:
         r"""
         Like `LlavaForConditionalGeneration.forward` (`kwargs`: cache, inputs_embeds, labels, use_cache, ...), with

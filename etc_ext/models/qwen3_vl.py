@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from ..compress import VISUAL, insert_compression_tokens
 from ..config import ETCConfig
@@ -111,7 +113,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: Optional[dict] = None,
         etc_prefill_method: Optional[str] = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ETCQwen3VLCausalLMOutputWithPast:
         r"""
         Like `Qwen3VLForConditionalGeneration.forward` (`kwargs`: cache, inputs_embeds, labels, use_cache, ...),

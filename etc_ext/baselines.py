@@ -83,6 +83,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from . import ops
+from .cache import compact_dynamic_cache
 from .compress import (
     ETCCache,
     ETCCacheState,
@@ -91,9 +92,8 @@ from .compress import (
     find_image_spans,
     right_aligned_index,
 )
-from .distill import capture_query_key, instruction_scores
-from .cache import compact_dynamic_cache
 from .continuation import CompressedCacheGenerationMixin, new_token_count
+from .distill import capture_query_key, instruction_scores
 from .models.common import unwrap_peft
 from .models.llava import num_visual_tokens as llava_num_visual_tokens
 
@@ -1009,7 +1009,7 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
             input_ids = input_ids[:, -new:]
             if position_ids is not None:
                 position_ids = position_ids[..., -new:]
-            if bool((input_ids == self.config.image_token_id).any()):
+            if has_images and bool((input_ids == self.config.image_token_id).any()):  # (a generated id is text)
                 raise NotImplementedError(
                     "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
                     "cache for a prompt with new images"

@@ -341,3 +341,25 @@ def test_a_static_cache_is_refused_not_replaced():
     inputs, _ = llava_helpers.make_batch(llava_helpers.CHAT)
     with torch.no_grad(), pytest.raises(ValueError, match="needs a DynamicCache; got a StaticCache"):
         model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("method", ["etc", "fastv"])
+def test_a_generated_image_token_id_decodes_as_text_on_a_compressed_cache(method):
+    """After an image prompt, generating the image token id is text: decoding continues (no new image)."""
+    from etc_ext.baselines import apply_baseline
+
+    model = llava_helpers.tiny_llava()
+    model = llava.apply_etc(model, llava_helpers.small_config()) if method == "etc" else apply_baseline(model, method, 4)
+    inputs, _ = llava_helpers.make_batch([[2, "I", 5]], seed=1)
+    image = llava_helpers.IMAGE
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, sequence_bias={(image,): 1e4})
+        assert (out[:, -4:] == image).all()
+        # The same steps by hand: each generated id fed back as text on the compressed cache.
+        prefill = model(**inputs, use_cache=True)
+        cache, mask = prefill.cache, inputs["attention_mask"]
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+            step = model(input_ids=torch.full((1, 1), image), attention_mask=mask, cache=cache)
+        assert cache.get_seq_length() == cache.etc_state.prefill_length + 3
+        assert torch.isfinite(step.logits).all()

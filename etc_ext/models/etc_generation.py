@@ -85,7 +85,8 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         visual_token_mask = self._etc_visual_token_mask(input_ids)
         decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
         mask, positions = decode_inputs["attention_mask"], decode_inputs["position_ids"]
-        if not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
+        generated = new == 1 and not has_visual_inputs  # one decoding step: an image token id here is generated text
+        if generated or not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
             base_kwargs.update({name: None for name in visual_kwargs}, mm_encoder_outputs=None)
             base_kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions)
             return original_forward(**base_kwargs)

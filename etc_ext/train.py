@@ -176,6 +176,8 @@ class TrainingArguments:
     save_total_limit: int | None = _arg(2, "keep at most this many checkpoints (default 2; 0 keeps all)", "output")
     resume: str | None = _arg(None, "resume from 'auto' (the newest checkpoint under --output, if any) or a "
                               "checkpoint folder", "output", metavar="auto|DIR")  # fmt: skip
+    overwrite: bool = _arg(False, "replace a previous run in --output (its checkpoints, final model and metrics); "
+                           "without it, an --output that holds a run needs --resume", "output")
     logging_steps: int = _arg(1, "write a metrics record every this many steps", "output")
     progress: bool = _arg(True, "show a progress bar (rank 0)", "output")
 
@@ -533,6 +535,31 @@ class Trainer:
             logger.info("resumed from %s (step %d, epoch %.2f)", path, state.global_step, epoch)
         return state, path
 
+    def _claim_output_dir(self) -> None:
+        """A run that does not resume starts from an --output without an earlier run's results, so that neither its
+        final model and metrics are silently replaced nor its old checkpoints picked up by a later `--resume auto`:
+        refuse one that holds them, or with --overwrite remove them (rank 0)."""
+        args = self.args
+        previous = [
+            name
+            for name in (FINAL_DIR, CHECKPOINT_DIR, METRICS_NAME)
+            if os.path.exists(os.path.join(args.output_dir, name))
+        ]
+        if previous and not args.overwrite:
+            raise ValueError(
+                f"--output {args.output_dir} holds an earlier run ({', '.join(previous)}): continue it with --resume "
+                "auto, replace it with --overwrite, or choose another --output"
+            )
+        if previous and self.context.is_main:
+            logger.warning("--overwrite: removing %s from %s", ", ".join(previous), args.output_dir)
+            for name in previous:
+                path = os.path.join(args.output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        self.context.barrier()  # every rank has looked (and the old run is gone) before rank 0 writes there
+
     def _check_resumed_layout(self, state: TrainerState, path: str) -> None:
         args, context = self.args, self.context
         per_step = context.world_size * args.per_device_batch_size
@@ -634,6 +661,8 @@ class Trainer:
         """Runs the training loop; returns a summary (steps, last metrics, paths)."""
         args, context = self.args, self.context
         state, resumed_from = self._resume()
+        if args.resume is None:  # (`--resume auto` without a checkpoint yet starts over, as asked)
+            self._claim_output_dir()
         if context.is_main:
             os.makedirs(args.output_dir, exist_ok=True)
             atomic_write_json(os.path.join(args.output_dir, "train_args.json"), asdict(args))

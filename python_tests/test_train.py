@@ -486,3 +486,19 @@ def test_resumable_sampler_skips_the_consumed_part_of_an_epoch():
         assert list(sampler) == []
         with pytest.raises(ValueError):
             sampler.set_start(5)
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_llava_dir, shapes_data, tmp_path, capsys):
+    """Training into an --output that holds a run refuses (its final model and metrics would be replaced and its
+    old checkpoints picked up by a later --resume auto); --overwrite replaces it."""
+    output = tmp_path / "run"
+    argv = train_argv(tiny_llava_dir, shapes_data, output, "--max-steps", "2", "--save-steps", "1")
+    assert run_in_process(argv) == 0
+    metrics_before = (output / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run_in_process(argv) == 1
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert (output / "metrics.jsonl").read_text() == metrics_before
+    assert run_in_process(argv + ["--overwrite", "--save-steps", "0"]) == 0
+    assert not (output / "checkpoints").exists()  # the old run's checkpoints are gone
+    assert (output / "final").is_dir()

@@ -529,11 +529,30 @@ class Trainer:
         state.per_device_batch_size = args.per_device_batch_size
         state.gradient_accumulation_steps = args.gradient_accumulation_steps
         state.micro_batches_in_epoch = state.samples_in_epoch // (context.world_size * args.per_device_batch_size)
+        if state.max_steps != self.max_steps:
+            self._rebuild_schedule(state, path)
         state.max_steps = self.max_steps
         if context.is_main:
             epoch = state.epoch + state.micro_batches_in_epoch / max(self.micro_batches_per_epoch, 1)
             logger.info("resumed from %s (step %d, epoch %.2f)", path, state.global_step, epoch)
         return state, path
+
+    def _rebuild_schedule(self, state: TrainerState, path: str) -> None:
+        """A run resumed with another length (--max-steps, --epochs): the optimizer's learning rates restored from
+        the checkpoint follow the old schedule (at its end: the minimum, often 0); set them from this run's
+        schedule at the resumed step, as a fresh run of this length would have them."""
+        scheduler = self.scheduler
+        rates = [
+            base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+        ]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+        if self.context.is_main:
+            logger.warning(
+                "resuming %s (a run of %d steps) as a run of %d steps: the learning-rate schedule follows the new "
+                "length from step %d (lr %.3g)", path, state.max_steps, self.max_steps, state.global_step, rates[0],
+            )  # fmt: skip
 
     def _claim_output_dir(self) -> None:
         """A run that does not resume starts from an --output without an earlier run's results, so that neither its

@@ -502,3 +502,20 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_llava_dir, sha
     assert run_in_process(argv + ["--overwrite", "--save-steps", "0"]) == 0
     assert not (output / "checkpoints").exists()  # the old run's checkpoints are gone
     assert (output / "final").is_dir()
+
+
+def test_resuming_with_more_steps_follows_the_new_schedule(tiny_llava_dir, shapes_data, tmp_path):
+    """Step 3 of a 3-step run resumed as a 6-step run: the learning rates are those of a fresh 6-step run (the
+    checkpoint's optimizer holds the old schedule's last rate, 0), not 0."""
+    short, fresh = tmp_path / "short", tmp_path / "fresh"
+    common = ("--save-steps", "1", "--warmup-steps", "1", "--seed", "0")
+    assert run_in_process(train_argv(tiny_llava_dir, shapes_data, short, *common, "--max-steps", "3")) == 0
+    resumed = train_argv(tiny_llava_dir, shapes_data, short, *common, "--max-steps", "6", "--resume", "auto")
+    assert run_in_process(resumed) == 0
+    assert run_in_process(train_argv(tiny_llava_dir, shapes_data, fresh, *common, "--max-steps", "6")) == 0
+    resumed_lr = {r["step"]: r["lr"] for r in read_metrics(short)}
+    fresh_lr = {r["step"]: r["lr"] for r in read_metrics(fresh)}
+    assert sorted(resumed_lr) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert resumed_lr[step] > 0
+        assert resumed_lr[step] == pytest.approx(fresh_lr[step], rel=1e-6)

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -70,7 +71,8 @@ inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(k.size(1) >= 1 && heads % k.size(1) == 0, op,
               ": the number of query heads H = ", heads,
               " must be a multiple of the number of kv heads Hkv = ", k.size(1));
-  TORCH_CHECK(!scale.has_value() || *scale > 0.0, op, ": scale must be positive, got ", *scale);
+  TORCH_CHECK(!scale.has_value() || (*scale > 0.0 && std::isfinite(*scale)), op,
+              ": scale must be positive and finite, got ", scale.value_or(0.0));
   check_optional_2d(q_mask, batch, queries, at::kBool, q, op, "q_mask", "[B, T]");
   check_optional_2d(kv_mask, batch, k.size(2), at::kBool, q, op, "kv_mask", "[B, N]");
   check_optional_2d(q_pos, batch, queries, at::kLong, q, op, "q_pos", "[B, T]");

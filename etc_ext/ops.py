@@ -5,6 +5,7 @@ The kernels live in csrc/ and are registered as ``torch.ops.etc_ext.<name>``; th
 pure-PyTorch references are in :mod:`etc_ext.reference`.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -66,8 +67,8 @@ def _check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos) -> None:
         raise ValueError(
             f"{op}: the number of query heads H = {heads} must be a multiple of the number of kv heads Hkv = {k.shape[1]}"
         )
-    if scale is not None and not scale > 0:
-        raise ValueError(f"{op}: scale must be positive, got {scale}")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):  # inf: every probability NaN
+        raise ValueError(f"{op}: scale must be positive and finite, got {scale}")
     _check_optional_2d(q_mask, batch, queries, torch.bool, q, op, "q_mask", "[B, T]")
     _check_optional_2d(kv_mask, batch, k.shape[2], torch.bool, q, op, "kv_mask", "[B, N]")
     _check_optional_2d(q_pos, batch, queries, torch.int64, q, op, "q_pos", "[B, T]")

@@ -268,6 +268,8 @@ BAD_INPUTS = [
     ("kv_mask shape", lambda q, k: dict(q=q, k=k, kv_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, "kv_mask must have shape"),
     ("q_pos dtype", lambda q, k: dict(q=q, k=k, q_pos=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "q_pos must have dtype torch.int64"),
     ("scale", lambda q, k: dict(q=q, k=k, scale=0.0), ValueError, "scale must be positive"),
+    ("scale inf", lambda q, k: dict(q=q, k=k, scale=float("inf")), ValueError, "scale must be positive and finite"),
+    ("scale nan", lambda q, k: dict(q=q, k=k, scale=float("nan")), ValueError, "scale must be positive and finite"),
     ("q not a tensor", lambda q, k: dict(q=q.tolist(), k=k), TypeError, "q must be a torch.Tensor"),
     ("k device", lambda q, k: dict(q=q, k=k.to("meta")), ValueError, "k must be on the device of q"),
 ]
@@ -288,3 +290,5 @@ def test_kernel_checks_without_wrapper():
         torch.ops.etc_ext.cross_attn_scores(q[:, :3], k)
     with pytest.raises(RuntimeError, match="q_mask must have shape"):
         torch.ops.etc_ext.cross_attn_scores(q, k, None, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="scale must be positive and finite"):
+        torch.ops.etc_ext.cross_attn_scores(q, k, float("inf"))

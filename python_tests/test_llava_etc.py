@@ -651,3 +651,19 @@ def test_disabling_etc_stops_its_parameters_from_requiring_grad():
     assert not any(p.requires_grad for p in model.etc.parameters())
     model.etc.enabled = True
     assert [p.requires_grad for p in model.etc.parameters()] == before and any(before)
+
+
+def test_a_mutated_config_is_revalidated_and_damaged_checkpoints_name_their_file(tmp_path):
+    config = small_config()
+    config.num_compression_tokens = -5  # changed after validation
+    with pytest.raises(ValueError, match="num_compression_tokens"):
+        apply_etc(tiny_llava(), config)
+    model = apply_etc(tiny_llava(), small_config())
+    save_pretrained(model, tmp_path)
+    weights = tmp_path / "etc_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="etc_model.safetensors cannot be read"):
+        from_pretrained(tiny_llava(), tmp_path)
+    (tmp_path / "etc_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="etc_config.json is not valid json"):
+        from_pretrained(tiny_llava(), tmp_path)

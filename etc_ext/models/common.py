@@ -11,6 +11,7 @@ import os
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -144,6 +145,7 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
         etc_class: the backbone's `ETCMixin` class; its `etc_base_class` is the Hugging Face class it extends.
     """
     config = copy.deepcopy(config) if config is not None else ETCConfig()
+    config.validate()  # a config changed after it was made (its fields are plain attributes)
     base = unwrap_peft(model)
     model_class = etc_class.etc_base_class
     if not isinstance(base, model_class):
@@ -353,11 +355,11 @@ def from_pretrained(
     if is_trainable and config.teacher == "frozen" and config.loss != "none" and not adapter_layers(model):
         snapshot_teacher(model)
     device = etc.compression_tokens.weight.device
-    _load_into(etc, load_file(weights_path, device=str(device)), "ETC parts", strict=True)
+    _load_into(etc, _read_safetensors(weights_path, device), "ETC parts", strict=True)
 
     base_path = os.path.join(load_directory, BASE_WEIGHTS_NAME)
     if load_base_weights and os.path.isfile(base_path):
-        _load_into(base, load_file(base_path, device=str(device)), "base model", strict=False)
+        _load_into(base, _read_safetensors(base_path, device), "base model", strict=False)
 
     adapter_path = os.path.join(load_directory, ADAPTER_DIR)
     if load_base_weights and os.path.isdir(adapter_path):
@@ -370,6 +372,13 @@ def from_pretrained(
         if is_trainable:  # peft freezes every non-adapter parameter
             etc.requires_grad_(True)
     return model
+
+
+def _read_safetensors(path: str, device) -> dict:
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError) as error:  # truncated or not a safetensors file
+        raise ValueError(f"from_pretrained: {path} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _load_into(module: nn.Module, state_dict: dict, what: str, strict: bool) -> None:

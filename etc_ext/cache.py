@@ -154,13 +154,12 @@ def compact_dynamic_cache(
     """
     from transformers.cache_utils import DynamicLayer
 
-    layer_indices = layers
-    layers = getattr(cache, "layers", None)
-    if layers is None:
+    cache_layers = getattr(cache, "layers", None)
+    if cache_layers is None:
         raise TypeError(f"{_OP}: expected a transformers DynamicCache, got {type(cache).__name__}")
-    selected = set(range(len(layers))) if layer_indices is None else set(layer_indices)
+    selected = set(range(len(cache_layers))) if layers is None else set(layers)
     live = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(cache_layers):
         if i not in selected:
             continue
         if type(layer) is not DynamicLayer:
@@ -172,13 +171,13 @@ def compact_dynamic_cache(
             live.append(i)
     if not live:
         return
-    pairs = [(layers[i].keys, layers[i].values) for i in live]
+    pairs = [(cache_layers[i].keys, cache_layers[i].values) for i in live]
     _check_pairs(pairs, "cache.layers")
     key0 = pairs[0][0]
     _check_keep_index(keep_index, key0.shape[0], [k.shape[2] for k, _ in pairs], key0.device, check, empty_slots)
     for i, (new_key, new_value) in zip(live, _compact_pairs(pairs, keep_index, empty_slots)):
-        layers[i].keys = new_key
-        layers[i].values = new_value
+        cache_layers[i].keys = new_key
+        cache_layers[i].values = new_value
 
 
 # ============================================================================ the compressed cache

@@ -4,6 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <utility>
+#include <vector>
 
 #include <cmath>
 #include <optional>
@@ -133,6 +140,110 @@ inline void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor&
   }
 }
 
+// ---- memory: the op writes in place, and its kernels write and read in parallel, so two written
+// elements must never share memory, nor a written element and a read one.
+
+// (stride, size) of every dimension with more than one element, smallest stride first.
+inline std::vector<std::pair<int64_t, int64_t>> sorted_dims(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  return dims;
+}
+
+// Whether every element of a strided layout has an offset of its own. The test (each dimension
+// steps past everything the smaller ones span) holds for every permutation of a slice of a
+// contiguous tensor, e.g. a Hugging Face cache seen as .transpose(1, 2) or the key and value
+// halves of vLLM's CPU cache; it rejects stride 0 (expand) and overlapping as_strided views.
+inline bool layout_is_non_overlapping(std::vector<std::pair<int64_t, int64_t>> dims) {
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // the largest offset the smaller dimensions reach
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
+// [first byte, one past the last byte] that t's elements occupy.
+inline std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  int64_t span = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) span += t.stride(d) * (t.size(d) - 1);
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((span + 1) * t.element_size())};
+}
+
+inline bool share_bytes(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  const auto [a_begin, a_end] = byte_range(a);
+  const auto [b_begin, b_end] = byte_range(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+// key_cache and value_cache in one storage: fine when they are disjoint ranges, or the same
+// layout at an offset that interleaves them without a shared element (vLLM's CPU cache).
+inline bool caches_overlap(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  if (!share_bytes(key_cache, value_cache)) return false;
+  if (key_cache.strides() != value_cache.strides()) return true;
+  const auto delta = static_cast<int64_t>(byte_range(value_cache).first) -
+                     static_cast<int64_t>(byte_range(key_cache).first);
+  if (delta == 0 || delta % key_cache.element_size() != 0) return true;
+  auto dims = sorted_dims(key_cache);
+  dims.emplace_back(std::abs(delta) / key_cache.element_size(), 2);  // the pair as a dimension
+  return !layout_is_non_overlapping(dims);
+}
+
+inline void check_write_compressed_kv_memory(const at::Tensor& key_cache,
+                                             const at::Tensor& value_cache,
+                                             const at::Tensor& key, const at::Tensor& value,
+                                             const std::optional<at::Tensor>& weights) {
+  constexpr const char* op = "write_compressed_kv";
+  for (const auto& [cache, name] : {std::pair{&key_cache, "key_cache"},
+                                    std::pair{&value_cache, "value_cache"}}) {
+    TORCH_CHECK_VALUE(cache->numel() == 0 || layout_is_non_overlapping(sorted_dims(*cache)), op,
+                      ": ", name, " has elements that share memory (strides ", cache->strides(),
+                      " for shape ", shape_str(*cache),
+                      ", e.g. an expanded tensor): it is written in place; pass a tensor whose "
+                      "elements are distinct (clone() it)");
+  }
+  TORCH_CHECK_VALUE(!caches_overlap(key_cache, value_cache), op,
+                    ": key_cache and value_cache share memory (the same tensor, or overlapping "
+                    "views of one): pass two separate caches");
+  for (const auto& [source, name] : {std::pair{&key, "key"}, std::pair{&value, "value"}}) {
+    for (const auto& [cache, cache_name] : {std::pair{&key_cache, "key_cache"},
+                                            std::pair{&value_cache, "value_cache"}}) {
+      TORCH_CHECK_VALUE(!share_bytes(*source, *cache), op, ": ", name, " shares memory with ",
+                        cache_name, ", which is written while ", name,
+                        " is read: pass a copy (clone()) of it");
+    }
+  }
+  if (weights.has_value()) {
+    for (const auto& [cache, cache_name] : {std::pair{&key_cache, "key_cache"},
+                                            std::pair{&value_cache, "value_cache"}}) {
+      TORCH_CHECK_VALUE(!share_bytes(*weights, *cache), op, ": weights shares memory with ",
+                        cache_name, ": pass a copy (clone()) of it");
+    }
+  }
+  // The op is not differentiable and writes in place: refuse what autograd would get wrong
+  // silently (as torch's in-place ops do for a leaf, and instead of dropping key's gradient).
+  if (c10::GradMode::is_enabled()) {
+    for (const auto& [cache, name] : {std::pair{&key_cache, "key_cache"},
+                                      std::pair{&value_cache, "value_cache"}}) {
+      TORCH_CHECK_VALUE(!cache->requires_grad(), op, ": ", name,
+                        " requires grad; the op writes it in place and is not differentiable: "
+                        "write under torch.no_grad() or into a tensor that does not require grad");
+    }
+    for (const auto& [source, name] : {std::pair{&key, "key"}, std::pair{&value, "value"}}) {
+      TORCH_CHECK_VALUE(!source->requires_grad(), op, ": ", name,
+                        " requires grad, but write_compressed_kv is not differentiable (its "
+                        "gradient would be dropped): pass ", name, ".detach() or call it under "
+                        "torch.no_grad()");
+    }
+  }
+}
+
 // write_compressed_kv(key_cache [num_blocks, block_size, Hkv, D], value_cache (same shape),
 //                     key [B, Hkv, N, D], value (same shape), slot_mapping int64 [B, K],
 //                     weights float32 [B, K, N] | index int64 [B, K])
@@ -195,6 +306,7 @@ inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
                 ": weights must have dtype float32, got ", weights->scalar_type());
     check_same_device(*weights, key, op, "weights", "key");
   }
+  check_write_compressed_kv_memory(key_cache, value_cache, key, value, weights);
 }
 
 }  // namespace etc_ext

@@ -95,7 +95,8 @@ def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots
         b, heads, _, dim = key.shape
         new_key = allocate(key, (b, heads, kept, dim))
         new_value = allocate(value, (b, heads, kept, dim))
-        write(new_key.transpose(1, 2), new_value.transpose(1, 2), key, value, slots, index=keep_index)
+        # detach: a cache is never differentiated through its compaction (the op is not differentiable).
+        write(new_key.transpose(1, 2), new_value.transpose(1, 2), key.detach(), value.detach(), slots, index=keep_index)
         out.append((new_key, new_value))
     return out
 

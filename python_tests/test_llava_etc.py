@@ -658,6 +658,10 @@ def test_a_mutated_config_is_revalidated_and_damaged_checkpoints_name_their_file
     config.num_compression_tokens = -5  # changed after validation
     with pytest.raises(ValueError, match="num_compression_tokens"):
         apply_etc(tiny_llava(), config)
+    plain = tiny_llava()
+    with pytest.raises(ValueError, match=r"num_compression_tokens must be <= the model's \d+ visual tokens"):
+        apply_etc(plain, small_config(num_compression_tokens=10**9))  # was a huge allocation
+    assert not hasattr(plain, "etc") and type(plain) is LlavaForConditionalGeneration
     model = apply_etc(tiny_llava(), small_config())
     save_pretrained(model, tmp_path)
     weights = tmp_path / "etc_model.safetensors"

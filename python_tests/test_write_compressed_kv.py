@@ -387,3 +387,82 @@ def test_raw_op_checks():
         op(key_cache, value_cache, key, value, slots, index=slots.int())
     with pytest.raises(RuntimeError, match="write_compressed_kv: key_cache must have shape"):
         op(key_cache[..., :3], value_cache[..., :3], key, value, slots, index=slots)
+
+
+def _overlapping_cases(key, value, key_cache, value_cache):
+    """(name, key_cache, value_cache, key, value, message) calls whose written memory is shared."""
+    num_blocks, block_size, heads, dim = key_cache.shape
+    expanded = key_cache[:, :1].expand(num_blocks, block_size, heads, dim)  # stride 0: slots share memory
+    storage = torch.zeros(num_blocks * block_size * heads * dim, dtype=key_cache.dtype, device=key_cache.device)
+    overlapping = storage.as_strided(key_cache.shape, (block_size * heads * dim // 2, heads * dim, dim, 1))
+    flat_key = key_cache.reshape(-1, heads, dim)  # key [B, Hkv, N, D] as a view of key_cache
+    key_view = flat_key[: key.shape[0] * key.shape[2]].view(key.shape[0], key.shape[2], heads, dim).transpose(1, 2)
+    return [
+        ("expanded", expanded, value_cache, key, value, "key_cache has elements that share memory"),
+        ("overlapping_blocks", key_cache, overlapping, key, value, "value_cache has elements that share memory"),
+        ("same_tensor", key_cache, key_cache, key, value, "key_cache and value_cache share memory"),
+        ("key_in_key_cache", key_cache, value_cache, key_view, value, "key shares memory with key_cache"),
+        ("value_in_key_cache", key_cache, value_cache, key, key_view, "value shares memory with key_cache"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["index", "weights"])
+@torch.inference_mode()
+def test_overlapping_memory_is_refused(device, form):
+    """The op writes in place, in parallel: shared memory among the written or between written and read elements
+    would give wrong values silently. Each case raises ValueError naming the arguments; nothing is written."""
+    key, value = make_kv(2, 2, 6, 8, torch.float32, device, 12)
+    key_cache, value_cache = make_paged_cache(2, 8, torch.float32, device, 12)
+    slots = torch.tensor([[20, 21, 22], [30, 31, 32]], device=device)  # away from the slots key_view covers
+    form_kwargs = {"index": torch.tensor([[0, 1, 2], [3, 4, 5]], device=device)} if form == "index" else {
+        "weights": torch.softmax(torch.randn(2, 3, 6), -1).to(device)}  # fmt: skip
+    for name, k_cache, v_cache, k, v, message in _overlapping_cases(key, value, key_cache, value_cache):
+        before = [t.clone() for t in (key_cache, value_cache)]
+        with pytest.raises(ValueError, match=message):
+            ops.write_compressed_kv(k_cache, v_cache, k, v, slots, **form_kwargs)
+        with pytest.raises(ValueError, match=message):  # the op itself (what the compaction calls)
+            torch.ops.etc_ext.write_compressed_kv.default(k_cache, v_cache, k, v, slots, **form_kwargs)
+        assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.inference_mode()
+def test_interleaved_caches_in_one_storage(device):
+    """Two caches in one tensor that share no element are accepted: vLLM's CPU layout, where each block holds
+    `[Hkv, block_size, 2 * D]` with the key in the first D channels and the value in the last D."""
+    heads, dim = 2, 8
+    key, value = make_kv(2, heads, 6, dim, torch.float32, device, 13)
+    storage = torch.randn(NUM_BLOCKS, heads, BLOCK_SIZE, 2 * dim, device=device)
+    key_cache = storage[..., :dim].transpose(1, 2)  # [num_blocks, block_size, Hkv, D]
+    value_cache = storage[..., dim:].transpose(1, 2)
+    slots = torch.tensor([[0, 6, 13], [20, 27, 34]], device=device)
+    index = torch.tensor([[0, 5, 2], [1, 3, 4]], device=device)
+    ref_k, ref_v = run_both(key_cache, value_cache, key, value, slots, index=index)
+    assert torch.equal(key_cache, ref_k) and torch.equal(value_cache, ref_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_requiring_inputs_are_refused(device):
+    """The op is not differentiable and writes in place: a cache that requires grad (a leaf) or a key/value that
+    requires grad (its gradient would be dropped) raise while grad mode is on, like torch's in-place ops; under
+    torch.no_grad() the same calls write."""
+    key, value = make_kv(1, 2, 4, 8, torch.float32, device, 14)
+    key_cache, value_cache = make_paged_cache(2, 8, torch.float32, device, 14)
+    slots, index = torch.tensor([[3, 4]], device=device), torch.tensor([[1, 2]], device=device)
+    leaf_cache = key_cache.clone().requires_grad_()
+    grad_key = key.clone().requires_grad_()
+    cases = [
+        ((leaf_cache, value_cache, key, value), "key_cache requires grad"),
+        ((key_cache, value_cache.clone().requires_grad_(), key, value), "value_cache requires grad"),
+        ((key_cache, value_cache, grad_key, value), r"key requires grad, but write_compressed_kv is not differentiable"),
+        ((key_cache, value_cache, key, value * torch.ones(1, device=device, requires_grad=True)), "value requires grad"),
+    ]
+    before = key_cache.clone()
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.write_compressed_kv(*args, slots, index=index)
+    assert torch.equal(key_cache, before)
+    with torch.no_grad():
+        ops.write_compressed_kv(leaf_cache, value_cache, grad_key, value, slots, index=index)
+    assert torch.equal(leaf_cache.detach()[0, 3], key[0, :, 1])

@@ -162,6 +162,7 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
             setattr(config, name, value)
         elif getattr(config, name) != value:
             raise ValueError(f"ETCConfig.{name}={getattr(config, name)} does not fit this model ({name}={value})")
+    _check_num_compression_tokens(config.num_compression_tokens, num_visual_tokens, position_grid, text_config)
     resolve_target_layer(config.target_layer, text_config.num_hidden_layers)  # raises when out of range
 
     embeddings = base.get_input_embeddings().weight
@@ -177,6 +178,22 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
     base.etc = etc
     base.__class__ = etc_subclass(etc.original_class, etc_class)
     return model
+
+
+def _check_num_compression_tokens(num_compression_tokens, num_visual_tokens, position_grid, text_config) -> None:
+    """M fits the model: at most N for a model whose images all have N tokens, and fewer than the language model's
+    positions (each compression token takes one)."""
+    if position_grid is None and num_compression_tokens > num_visual_tokens:
+        raise ValueError(
+            f"ETCConfig.num_compression_tokens must be <= the model's {num_visual_tokens} visual tokens per image "
+            f"(ETC compresses them into fewer tokens), got {num_compression_tokens}"
+        )
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    if max_positions is not None and num_compression_tokens >= max_positions:
+        raise ValueError(
+            f"ETCConfig.num_compression_tokens must be < the language model's max_position_embeddings "
+            f"({max_positions}), got {num_compression_tokens}"
+        )
 
 
 def _original_class(cls: type, etc_class: type) -> type:

@@ -82,6 +82,23 @@ class DistributedContext:
         return holder[0]
 
 
+def check_hardware_arguments(device: str, attn_implementation: str) -> None:
+    """A command's `--device` and `--attn-implementation` can run here: ValueError naming the option otherwise (before
+    anything is loaded)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False: use --device cpu or auto")
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError(
+                "--attn-implementation flash_attention_2 needs the flash-attn package and a CUDA GPU, which this "
+                "machine lacks: use sdpa (the default)"
+            )
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -108,7 +125,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch.cuda.is_available() is False")
+        raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import check_hardware_arguments
 from .models.common import unwrap_peft
 
 
@@ -93,6 +94,7 @@ class EvalArguments:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        check_hardware_arguments(self.device, self.attn_implementation)
 
 
 # ------------------------------------------------------------------------------------------------- scoring

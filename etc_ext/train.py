@@ -74,6 +74,7 @@ from .checkpointing import (
 from .distributed import (
     DistributedContext,
     apply_fsdp,
+    check_hardware_arguments,
     destroy_distributed,
     gradient_sync,
     init_distributed,
@@ -197,8 +198,13 @@ class TrainingArguments:
             raise ValueError("save_steps, num_workers and max_grad_norm must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            raise ValueError(f"save_total_limit must be >= 0 (0 keeps all checkpoints), got {self.save_total_limit}")
         if self.save_total_limit == 0:
             self.save_total_limit = None
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"--output {self.output_dir} is a file: pass a folder (made when missing)")
+        check_hardware_arguments(self.device, self.attn_implementation)
         if self.lora_modules_to_save in (["none"], ["None"]):
             self.lora_modules_to_save = []
 

@@ -395,6 +395,14 @@ def test_unreadable_image_raises_on_access(processor, tmp_path):
     assert "'bad-bytes'" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["train.json", "train.jsonl"])
+def test_damaged_data_file_names_itself(processor, tmp_path, name):
+    path = tmp_path / name
+    path.write_text('[{"id": "a", "conversations": [')  # truncated
+    with pytest.raises(ValueError, match=f"{name} is not valid json"):
+        ConversationDataset(str(path), processor, image_root=tmp_path)
+
+
 def test_max_length(processor, tmp_path):
     generate_shapes_dataset(tmp_path, 1, seed=0, split="test", progress=False)
     long_answer = " ".join(["red"] * 40)

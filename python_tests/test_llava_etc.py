@@ -668,6 +668,38 @@ def test_a_mutated_config_is_revalidated_and_damaged_checkpoints_name_their_file
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match="etc_model.safetensors cannot be read"):
         from_pretrained(tiny_llava(), tmp_path)
+    assert not hasattr(tiny_llava(), "etc")
     (tmp_path / "etc_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="etc_config.json is not valid json"):
         from_pretrained(tiny_llava(), tmp_path)
+
+
+def test_a_failed_from_pretrained_leaves_the_model_unchanged(tmp_path):
+    """The load is all or nothing: a damaged checkpoint raises before the model changes, or undoes apply_etc."""
+    from safetensors.torch import load_file, save_file
+
+    trained = apply_etc(tiny_llava(), small_config())
+    trained.model.language_model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    save_pretrained(trained, tmp_path)
+    etc_weights, base_weights = tmp_path / "etc_model.safetensors", tmp_path / "base_model.safetensors"
+    intact = etc_weights.read_bytes()
+
+    def assert_untouched(model, reference):
+        assert type(model) is LlavaForConditionalGeneration and not hasattr(model, "etc")
+        for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(p, q), name
+
+    state = load_file(etc_weights)
+    state.pop(sorted(state)[0])  # a weight missing: found only once ETC's parts exist
+    save_file(state, etc_weights)
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="ETC parts weights do not match the model: unexpected .*, missing"):
+        from_pretrained(model, tmp_path)
+    assert_untouched(model, tiny_llava())
+
+    etc_weights.write_bytes(intact)
+    base_weights.write_bytes(base_weights.read_bytes()[:64])  # truncated: read before anything changes
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="base_model.safetensors cannot be read"):
+        from_pretrained(model, tmp_path)
+    assert_untouched(model, tiny_llava())

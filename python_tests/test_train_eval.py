@@ -106,6 +106,31 @@ def test_eval_of_a_missing_model_fails_clearly(shapes_data, eval_file, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def test_cli_refuses_unusable_options_in_one_line(tiny_llava_dir, eval_file, tmp_path, capsys):
+    """Options this machine cannot honour, or that are wrong, end in one line naming the option (no traceback) and
+    before anything is trained or written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    train = ["train", "--model", str(tiny_llava_dir), "--data", str(eval_file), "--max-steps", "1"]
+    cases = [
+        (train + ["--output", str(a_file)], f"--output {a_file} is a file"),
+        (train + ["--output", str(tmp_path / "o4"), "--save-total-limit", "-1"], "save_total_limit must be >= 0"),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():  # what a machine without a GPU cannot run
+        cases += [
+            (train + ["--output", str(tmp_path / "o1"), "--device", "cuda"], "--device cuda was asked for"),
+            (train + ["--output", str(tmp_path / "o2"), "--attn-implementation", "flash_attention_2"],
+             "--attn-implementation flash_attention_2 needs the flash-attn package"),
+            (["eval", "--model", str(tiny_llava_dir), "--data", str(eval_file), "--device", "cuda"],
+             "--device cuda was asked for"),
+        ]  # fmt: skip
+    for argv, message in cases:
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no output folder made
+
+
 def test_cli_help_lists_the_subcommands_and_options():
     parser = build_parser()
     help_text = parser.format_help()

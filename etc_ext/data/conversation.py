@@ -90,9 +90,13 @@ class Conversation:
 def load_llava_json(path: str | os.PathLike) -> list[dict]:
     """Reads a LLaVA conversation file: a json list, or json lines (`.jsonl`)."""
     with open(path) as f:
-        if str(path).endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        records = json.load(f)
+        try:
+            if str(path).endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            records = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a damaged or truncated file
+            kind = "json lines" if str(path).endswith(".jsonl") else "json"
+            raise ValueError(f"{path} is not valid {kind} ({error})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a json list of samples, got {type(records).__name__}")
     return records

@@ -352,6 +352,19 @@ def from_pretrained(
             raise ValueError(f"from_pretrained: {path} does not exist (not an ETC checkpoint directory?)")
     config = ETCConfig.from_json_file(config_path)
     base = unwrap_peft(model)
+    # All or nothing: read every file and check the base weights before the model changes; undo apply_etc when
+    # anything after it fails (a missing adapter config, weights that do not fit).
+    device = base.get_input_embeddings().weight.device
+    etc_state = _read_safetensors(weights_path, device)
+    base_path = os.path.join(load_directory, BASE_WEIGHTS_NAME)
+    base_state = None
+    if load_base_weights and os.path.isfile(base_path):
+        base_state = _read_safetensors(base_path, device)
+        _check_state_dict(base, base_state, "base model", strict=False)
+    adapter_path = os.path.join(load_directory, ADAPTER_DIR)
+    load_adapters = load_base_weights and os.path.isdir(adapter_path)
+    if load_adapters and not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise ValueError(f"from_pretrained: {adapter_path} holds no adapter_config.json (a damaged checkpoint?)")
     existing = getattr(base, "etc", None)
     if existing is None:
         if apply_etc is None:
@@ -367,19 +380,19 @@ def from_pretrained(
                 + "; ".join(f"model {d.replace(' != ', ', checkpoint ')}" for d in differences)
                 + "). Load into a model without ETC (remove_etc(model)) or apply the checkpoint's config."
             )
-    etc = _get_etc(model)
-    config = etc.config
-    if is_trainable and config.teacher == "frozen" and config.loss != "none" and not adapter_layers(model):
-        snapshot_teacher(model)
-    device = etc.compression_tokens.weight.device
-    _load_into(etc, _read_safetensors(weights_path, device), "ETC parts", strict=True)
-
-    base_path = os.path.join(load_directory, BASE_WEIGHTS_NAME)
-    if load_base_weights and os.path.isfile(base_path):
-        _load_into(base, _read_safetensors(base_path, device), "base model", strict=False)
-
-    adapter_path = os.path.join(load_directory, ADAPTER_DIR)
-    if load_base_weights and os.path.isdir(adapter_path):
+    try:
+        etc = _get_etc(model)
+        _check_state_dict(etc, etc_state, "ETC parts", strict=True)
+        if is_trainable and etc.config.teacher == "frozen" and etc.config.loss != "none" and not adapter_layers(model):
+            snapshot_teacher(model)
+    except Exception:
+        if existing is None:
+            uninstall_etc(model)
+        raise
+    etc.load_state_dict(etc_state, strict=True)
+    if base_state is not None:
+        base.load_state_dict(base_state, strict=False)
+    if load_adapters:
         from peft import PeftModel
 
         if _is_peft_model(model):
@@ -398,7 +411,8 @@ def _read_safetensors(path: str, device) -> dict:
         raise ValueError(f"from_pretrained: {path} cannot be read ({type(error).__name__}: {error})") from None
 
 
-def _load_into(module: nn.Module, state_dict: dict, what: str, strict: bool) -> None:
+def _check_state_dict(module: nn.Module, state_dict: dict, what: str, strict: bool) -> None:
+    """The checkpoint's names and shapes fit `module` (all of its names with `strict`)."""
     own = module.state_dict()
     unexpected = sorted(set(state_dict) - set(own))
     missing = sorted(set(own) - set(state_dict)) if strict else []
@@ -414,5 +428,4 @@ def _load_into(module: nn.Module, state_dict: dict, what: str, strict: bool) -> 
                 f"from_pretrained: {what} weight {name!r} has shape {list(tensor.shape)} in the checkpoint, "
                 f"{list(own[name].shape)} in the model"
             )
-    module.load_state_dict(state_dict, strict=strict)
 

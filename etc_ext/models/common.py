@@ -352,15 +352,14 @@ def from_pretrained(
             raise ValueError(f"from_pretrained: {path} does not exist (not an ETC checkpoint directory?)")
     config = ETCConfig.from_json_file(config_path)
     base = unwrap_peft(model)
-    # All or nothing: read every file and check the base weights before the model changes; undo apply_etc when
-    # anything after it fails (a missing adapter config, weights that do not fit).
+    # All or nothing: read every file before the model changes, check every weight before loading any, and undo
+    # apply_etc when a check after it fails.
     device = base.get_input_embeddings().weight.device
     etc_state = _read_safetensors(weights_path, device)
     base_path = os.path.join(load_directory, BASE_WEIGHTS_NAME)
     base_state = None
     if load_base_weights and os.path.isfile(base_path):
         base_state = _read_safetensors(base_path, device)
-        _check_state_dict(base, base_state, "base model", strict=False)
     adapter_path = os.path.join(load_directory, ADAPTER_DIR)
     load_adapters = load_base_weights and os.path.isdir(adapter_path)
     if load_adapters and not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
@@ -383,6 +382,8 @@ def from_pretrained(
     try:
         etc = _get_etc(model)
         _check_state_dict(etc, etc_state, "ETC parts", strict=True)
+        if base_state is not None:
+            _check_state_dict(base, base_state, "base model", strict=False)
         if is_trainable and etc.config.teacher == "frozen" and etc.config.loss != "none" and not adapter_layers(model):
             snapshot_teacher(model)
     except Exception:

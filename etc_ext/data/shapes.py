@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -266,23 +267,48 @@ def candidate_questions(scene: Scene, question_type: str) -> list[tuple[str, dic
     return candidates
 
 
+def with_articles(text: str) -> str:
+    """English indefinite articles: "a" before a word that starts with a vowel becomes "an" ("Is there a orange
+    shape?" -> "Is there an orange shape?"). Of the generator's words only "orange" starts with one."""
+    return _ARTICLE_BEFORE_VOWEL.sub(r"\1n", text)
+
+
+_ARTICLE_BEFORE_VOWEL = re.compile(r"\b([Aa])(?= [aeiouAEIOU])")
+
+
+def render_question(template_key: str, fields: dict, rng: random.Random, articles: bool = True) -> str:
+    """One question text: a random template of `template_key` filled with `fields`, with English articles (`"an
+    orange"`) unless `articles=False` (the text the demo's first checkpoints were trained on: `"a orange"`)."""
+    text = rng.choice(QUESTION_TEMPLATES[template_key]).format(**fields)
+    return with_articles(text) if articles else text
+
+
 def pick_balanced_question(
-    rng: random.Random, scene: Scene, question_type: str, answer_counts: Counter
+    rng: random.Random,
+    scene: Scene,
+    question_type: str,
+    answer_counts: Counter,
+    allowed=None,
+    articles: bool = True,
 ) -> Question | None:
     """Picks a question of `question_type` whose answer is the least used so far in `answer_counts` (ties broken at
-    random; `count` answers above `MAX_COUNT_ANSWER` are not asked), phrases it with a random template, and updates
-    `answer_counts`. None if the scene allows no such question (e.g. `where` when every (color, shape) appears twice).
-    """
+    random; `count` answers above `MAX_COUNT_ANSWER` are not asked), phrases it with a random template
+    (`render_question`), and updates `answer_counts`. None if the scene allows no such question (e.g. `where` when
+    every (color, shape) appears twice). `allowed`, if given, is a predicate on the `(template_key, fields, answer)`
+    candidates of `candidate_questions`: only those it accepts are asked (the demo's follow-up conversations use it
+    so that no answer gives a later question away)."""
     candidates = candidate_questions(scene, question_type)
     if question_type in ("count", "count_color"):
         candidates = [c for c in candidates if NUMBER_WORDS.index(c[2]) <= MAX_COUNT_ANSWER]
+    if allowed is not None:
+        candidates = [c for c in candidates if allowed(c)]
     if not candidates:
         return None
     available = sorted({answer for _, _, answer in candidates})
     fewest = min(answer_counts[a] for a in available)
     answer = rng.choice([a for a in available if answer_counts[a] == fewest])
     template_key, fields, _ = rng.choice([c for c in candidates if c[2] == answer])
-    text = rng.choice(QUESTION_TEMPLATES[template_key]).format(**fields)
+    text = render_question(template_key, fields, rng, articles)
     answer_counts[answer] += 1
     return Question(question_type, text, answer)
 
@@ -306,6 +332,7 @@ def generate_shapes_dataset(
     answer_prompt: str | None = DEFAULT_ANSWER_PROMPT,
     min_objects: int = 2,
     max_objects: int | None = None,
+    articles: bool = True,
     progress: bool = True,
 ) -> str:
     """Generates `num_images` scenes of one split and writes their images, questions and metadata under `out_dir`.
@@ -326,6 +353,8 @@ def generate_shapes_dataset(
         answer_prompt: appended to every question on its own line (LLaVA-1.5's short-answer prompt by default);
             None for bare questions.
         min_objects, max_objects: objects per image, drawn uniformly (default 2 to `2 * grid_size`).
+        articles: write "an orange"; False writes "a orange", as the first demo checkpoints were trained
+            (`render_question`). The draws are the same either way: only those question texts differ.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -375,7 +404,9 @@ def generate_shapes_dataset(
         # Question types of this image: a random order, skipping types the scene cannot answer.
         questions = []
         for question_type in rng.sample(list(question_types), len(question_types)):
-            question = pick_balanced_question(rng, scene, question_type, answer_counts[question_type])
+            question = pick_balanced_question(
+                rng, scene, question_type, answer_counts[question_type], articles=articles
+            )
             if question is not None:
                 questions.append(question)
             if len(questions) == questions_per_image:
@@ -431,6 +462,7 @@ def generate_shapes_dataset(
         "answer_prompt": answer_prompt,
         "min_objects": min_objects,
         "max_objects": max_objects,
+        "articles": articles,
     }
     with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as f:
         json.dump({"params": params, "scenes": scenes}, f)
@@ -442,7 +474,10 @@ def generate_shapes_dataset(
 
 def shapes_vocabulary(grid_sizes: tuple[int, ...] = (3, 4, 5, 6)) -> list[str]:
     """Every text the generator can write (question templates filled in every way, answers, the answer prompt), as a
-    list of strings: the corpus that the demo tokenizer is built from."""
+    list of strings: the corpus that the demo tokenizer is built from. The templates are filled without
+    `with_articles` ("a orange"), as when the tokenizer was first built: its merges, hence every token id of the
+    demo tokenizer and of the checkpoints trained with it, stay the same, and " an" is a whole token anyway
+    (`etc_ext.data.processor.COMMON_WORDS`)."""
     max_grid = max(grid_sizes)
     texts = [DEFAULT_ANSWER_PROMPT, "yes", "no", *SHAPES, *COLORS, *NUMBER_WORDS]
     texts += [cell_name(r, c) for r in range(max_grid) for c in range(max_grid)]

@@ -21,35 +21,37 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 
 from ..data.shapes import (
     DEFAULT_IMAGE_SIZE,
-    QUESTION_TEMPLATES,
     QUESTION_TYPES,
     Question,
+    cell_name,
     candidate_questions,
     draw_scene,
     pick_balanced_question,
+    render_question,
     sample_scene,
     scene_split,
 )
 
 
 def scene_questions(
-    rng: random.Random, scene, question_types, answer_counts: dict, every_object: bool
+    rng: random.Random, scene, question_types, answer_counts: dict, every_object: bool, articles: bool = True
 ) -> list[Question]:
     """The questions of one multi-turn sample, in random order: one of each type the scene allows (answers balanced
     through `answer_counts`, as `generate_shapes_dataset` does), and with `every_object` the `color` and `shape`
-    questions about every object instead."""
+    questions about every object instead. `articles`: see `etc_ext.data.shapes.render_question`."""
     questions = []
     for question_type in question_types:
         if every_object and question_type in ("color", "shape"):
             for template_key, fields, answer in candidate_questions(scene, question_type):
-                text = rng.choice(QUESTION_TEMPLATES[template_key]).format(**fields)
+                text = render_question(template_key, fields, rng, articles)
                 questions.append(Question(question_type, text, answer))
             continue
-        question = pick_balanced_question(rng, scene, question_type, answer_counts[question_type])
+        question = pick_balanced_question(rng, scene, question_type, answer_counts[question_type], articles=articles)
         if question is not None:
             questions.append(question)
     rng.shuffle(questions)
@@ -79,6 +81,7 @@ def generate_training_data(
     question_types: tuple[str, ...] = QUESTION_TYPES,
     every_object: bool = True,
     answer_prompt: str | None = None,
+    articles: bool = True,
 ) -> str:
     """Writes training samples to `<out_dir>/<name>.json` (images under `<out_dir>/images/<name>/`): per image, its
     questions (`scene_questions`) split into conversations by `leak_free_groups`.
@@ -90,6 +93,7 @@ def generate_training_data(
         seed: seed of the draws (each name draws its own stream).
         grid_sizes, image_size, question_types, answer_prompt: as in `generate_shapes_dataset`.
         every_object: ask the color and the shape of every object (see `scene_questions`).
+        articles: "an orange" (True) or "a orange" (`etc_ext.data.shapes.render_question`).
 
     Returns:
         The json path.
@@ -113,7 +117,7 @@ def generate_training_data(
             scene = sample_scene(rng, rng.choice(grid_sizes), image_size, low, high)
             if scene_split(scene) != "train":
                 continue
-            questions = scene_questions(rng, scene, question_types, answer_counts, every_object)
+            questions = scene_questions(rng, scene, question_types, answer_counts, every_object, articles)
             if not questions:
                 continue
             image_path = f"images/{name}/{image_count:06d}.png"
@@ -133,3 +137,136 @@ def generate_training_data(
     with open(json_path, "w") as f:
         json.dump(samples, f, indent=1)
     return json_path
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def question_mentions(scene, candidate: tuple[str, dict, str]) -> tuple[set[str], set[str]]:
+    """The colors and cells a `candidate_questions` candidate `(template_key, fields, answer)` is about, question and
+    answer together: a `color` question names a cell and answers a color, `where_color` names a color and answers a
+    cell, `count_color` and `exists_color` name a color and are answered from the cells of that color's objects."""
+    template_key, fields, answer = candidate
+    if template_key == "color":
+        return {answer}, {f"{fields['col']}{fields['row']}"}
+    if template_key == "where_color":
+        return {fields["color"]}, {answer}
+    if template_key in ("count_color", "exists_color"):
+        cells = {cell_name(o.row, o.col) for o in scene.objects if o.color == fields["color"]}
+        return {fields["color"]}, cells
+    raise ValueError(f"the demo's evaluation conversations ask color question types only, got {template_key!r}")
+
+
+def generate_eval_conversations(
+    out_dir: str | os.PathLike,
+    num_images: int,
+    *,
+    split: str,
+    seed: int = 0,
+    grid_sizes: tuple[int, ...] = (3,),
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    question_types: tuple[str, ...] = ("color", "where_color", "count_color", "exists_color"),
+    questions_per_image: int = 3,
+    min_objects: int = 1,
+    max_objects: int = 2,
+    answer_prompt: str | None = None,
+    articles: bool = True,
+) -> str:
+    """Held-out questions asked two ways: alone, and as one conversation per image (the follow-up test of the demo).
+
+    Each image (distinct scenes of `split` only) gets `questions_per_image` questions of distinct types, in random
+    order, answers balanced per type as in `generate_shapes_dataset`, and chosen so that no question of the
+    conversation gives another away: their colors and cells (`question_mentions`) are pairwise disjoint (after "What
+    color is the shape in row 1, column a? red", no question about red or about a1 follows).
+
+    Writes under `out_dir`:
+        `<split>.json`: one single-turn sample per question (`conversation`: the image's index, `turn`: the
+            question's place in its conversation), in the LLaVA conversation format;
+        `<split>_conversations.json`: one sample per image with all its questions as turns (reference answers in
+            the gpt turns; the demo feeds the model's own answers instead);
+        `<split>_scenes.json`: the parameters and the scenes; images under `images/<split>/`.
+
+    Returns:
+        The path of `<split>.json`.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 1 <= questions_per_image <= len(question_types):
+        raise ValueError(f"questions_per_image must be in [1, {len(question_types)}], got {questions_per_image}")
+    digest = hashlib.sha256(f"etc-ext-demo-eval/{seed}/{split}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "little"))
+    os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+    answer_counts = {t: Counter() for t in question_types}
+    singles, conversations, scenes, seen = [], [], [], set()
+    draws = 0
+    while len(scenes) < num_images:
+        draws += 1
+        if draws > 1000 * num_images:
+            raise RuntimeError(f"found only {len(scenes)} distinct {split} scenes for {num_images} images")
+        scene = sample_scene(rng, rng.choice(grid_sizes), image_size, min_objects, max_objects)
+        if scene.key() in seen or scene_split(scene) != split:
+            continue
+        colors, cells, questions = set(), set(), []
+
+        def allowed(candidate) -> bool:
+            its_colors, its_cells = question_mentions(scene, candidate)
+            return not (its_colors & colors or its_cells & cells)
+
+        # a scratch copy of the counts: a scene that cannot take enough questions leaves them as they were
+        counts = {t: Counter(c) for t, c in answer_counts.items()}
+        for question_type in rng.sample(list(question_types), len(question_types)):
+            question = pick_balanced_question(rng, scene, question_type, counts[question_type], allowed, articles)
+            if question is None:
+                continue
+            chosen = _candidate_of(scene, question)
+            its_colors, its_cells = question_mentions(scene, chosen)
+            colors |= its_colors
+            cells |= its_cells
+            questions.append(question)
+            if len(questions) == questions_per_image:
+                break
+        if len(questions) < questions_per_image:
+            continue
+        answer_counts = counts
+        seen.add(scene.key())
+        index = len(scenes)
+        image_path = f"images/{split}/{index:06d}.png"
+        draw_scene(scene).save(os.path.join(out_dir, image_path))
+        scenes.append({"image": image_path, **scene.to_dict()})
+        turns = []
+        for turn, question in enumerate(questions):
+            text = question.text if not answer_prompt else f"{question.text}\n{answer_prompt}"
+            singles.append({"id": f"shapes-{split}-{index:06d}-{turn}", "image": image_path,
+                            "conversations": [{"from": "human", "value": f"<image>\n{text}"},
+                                              {"from": "gpt", "value": question.answer}],
+                            "question_types": [question.type], "conversation": index, "turn": turn})  # fmt: skip
+            turns.append({"from": "human", "value": f"<image>\n{text}" if turn == 0 else text})
+            turns.append({"from": "gpt", "value": question.answer})
+        conversations.append({"id": f"shapes-{split}-{index:06d}", "image": image_path, "conversations": turns,
+                              "question_types": [q.type for q in questions]})  # fmt: skip
+    params = {"seed": seed, "split": split, "num_images": num_images, "grid_sizes": list(grid_sizes),
+              "image_size": image_size, "question_types": list(question_types),
+              "questions_per_image": questions_per_image, "min_objects": min_objects, "max_objects": max_objects,
+              "answer_prompt": answer_prompt, "articles": articles, "generator": "generate_eval_conversations"}  # fmt: skip
+    with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as f:
+        json.dump({"params": params, "scenes": scenes}, f)
+    with open(os.path.join(out_dir, f"{split}_conversations.json"), "w") as f:
+        json.dump(conversations, f, indent=1)
+    json_path = os.path.join(out_dir, f"{split}.json")
+    with open(json_path, "w") as f:
+        json.dump(singles, f, indent=1)
+    return json_path
+
+
+def _candidate_of(scene, question: Question) -> tuple[str, dict, str]:
+    """The `candidate_questions` entry a picked question was phrased from (same type and answer, and for the types
+    whose answer does not name the subject, the subject the text names)."""
+    for candidate in candidate_questions(scene, question.type):
+        template_key, fields, answer = candidate
+        if answer != question.answer:
+            continue
+        if template_key == "color":
+            named = f"row {fields['row']}, column {fields['col']}" in question.text
+        else:
+            named = re.search(rf"\b{fields['color']}\b", question.text) is not None
+        if named:
+            return candidate
+    raise AssertionError(f"no candidate of {question} in the scene")  # pick_balanced_question phrased one of them

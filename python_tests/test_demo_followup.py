@@ -1,0 +1,198 @@
+"""The demo's held-out questions asked alone and as follow-ups in one conversation (etc_ext.demo.data,
+etc_ext.demo.followup), English articles in the shapes questions, and the demo's 95 % intervals."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from etc_ext.data.shapes import Scene, ShapeObject, pick_balanced_question, scene_split, with_articles
+from etc_ext.demo import recipe
+from etc_ext.demo.data import generate_eval_conversations, question_mentions
+from etc_ext.demo.run import answer_prior, wilson_interval
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _scene(objects):
+    return Scene(3, 168, tuple(ShapeObject(r, c, "circle", color, (0.0, 0.0), 1.0) for r, c, color in objects))
+
+
+# ------------------------------------------------------------------------------------------------ articles
+def test_with_articles():
+    assert with_articles("Is there a orange shape?") == "Is there an orange shape?"
+    assert with_articles("Is there a red shape in the image?") == "Is there a red shape in the image?"
+    assert with_articles("A orange one") == "An orange one"
+    assert with_articles("Is there an orange shape?") == "Is there an orange shape?"
+    assert with_articles("What is the color of the shape in row 1, column a?").endswith("column a?")
+
+
+def test_articles_change_only_the_text_of_the_same_draws():
+    scene = _scene([(0, 0, "orange"), (1, 1, "red")])
+    asked = {}
+    for articles in (True, False):
+        rng, counts = random.Random(3), Counter()
+        questions = [pick_balanced_question(rng, scene, "exists_color", counts, articles=articles) for _ in range(40)]
+        asked[articles] = questions
+    assert [q.answer for q in asked[True]] == [q.answer for q in asked[False]]
+    orange = [(a.text, b.text) for a, b in zip(asked[True], asked[False]) if "orange" in a.text]
+    assert orange and all(" an orange" in a and " a orange" in b for a, b in orange)
+    assert all(a.text == b.text for a, b in zip(asked[True], asked[False]) if "orange" not in a.text)
+
+
+# ------------------------------------------------------------------------------------------------ the questions
+def test_question_mentions():
+    scene = _scene([(0, 0, "red"), (2, 1, "red"), (1, 2, "blue")])
+    assert question_mentions(scene, ("color", {"row": 2, "col": "c"}, "blue")) == ({"blue"}, {"c2"})
+    assert question_mentions(scene, ("where_color", {"color": "blue"}, "c2")) == ({"blue"}, {"c2"})
+    assert question_mentions(scene, ("count_color", {"color": "red"}, "two")) == ({"red"}, {"a1", "b3"})
+    assert question_mentions(scene, ("exists_color", {"color": "green"}, "no")) == ({"green"}, set())
+    with pytest.raises(ValueError, match="color question types"):
+        question_mentions(scene, ("where", {"color": "red", "shape": "circle"}, "a1"))
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    kwargs = {**recipe.test_data_kwargs(), "split": "val"}  # the test split is the demo's: not made in tests
+    path = generate_eval_conversations(out, 60, **kwargs)
+    return out, path, kwargs
+
+
+def test_eval_conversations_are_leak_free_balanced_and_deterministic(eval_data, tmp_path):
+    out, path, kwargs = eval_data
+    with open(path) as f:
+        singles = json.load(f)
+    with open(out / "val_conversations.json") as f:
+        conversations = json.load(f)
+    with open(out / "val_scenes.json") as f:
+        scenes = json.load(f)
+    assert len(conversations) == len(scenes["scenes"]) == 60 and len(singles) == 60 * kwargs["questions_per_image"]
+    assert scenes["params"]["generator"] == "generate_eval_conversations"
+    keys = set()
+    for index, conversation in enumerate(conversations):
+        scene_dict = scenes["scenes"][index]
+        scene = Scene(3, 168, tuple(ShapeObject(**{**o, "center": tuple(o["center"])}) for o in scene_dict["objects"]))
+        assert scene_split(scene) == "val" and scene.key() not in keys
+        keys.add(scene.key())
+        records = [r for r in singles if r["conversation"] == index]
+        assert [r["turn"] for r in records] == list(range(kwargs["questions_per_image"]))
+        types = [r["question_types"][0] for r in records]
+        assert len(set(types)) == len(types) == len(conversation["question_types"]) and types == conversation["question_types"]
+        # single questions carry the image; in the conversation only the first turn does
+        assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+        human = conversation["conversations"][::2]
+        assert human[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in human[1:])
+        # no two questions of a conversation share a color or a cell (so no answer gives another away)
+        mentioned_colors, mentioned_cells = set(), set()
+        for record in records:
+            text = record["conversations"][0]["value"]
+            answer = record["conversations"][1]["value"]
+            colors = {c for c in ("red", "green", "blue", "yellow", "purple", "orange") if c in text.split()
+                      or c + "?" in text.split() or c == answer}  # fmt: skip
+            cells = {answer} if record["question_types"][0] == "where_color" else set()
+            if record["question_types"][0] == "color":
+                words = text.rstrip("?").split()
+                cells = {words[-1] + words[-3].rstrip(",")}
+            assert not colors & mentioned_colors and not cells & mentioned_cells, (index, records)
+            mentioned_colors |= colors
+            mentioned_cells |= cells
+    # balanced answers: a constant answer per type scores well under half
+    assert answer_prior(singles) < 0.5
+    again = generate_eval_conversations(tmp_path, 60, **kwargs)
+    with open(again) as f:
+        assert json.load(f) == singles
+    other = generate_eval_conversations(tmp_path / "seed1", 60, **{**kwargs, "seed": 1})
+    with open(other) as f:
+        assert [r["conversations"] for r in json.load(f)] != [r["conversations"] for r in singles]
+    with pytest.raises(ValueError, match="questions_per_image"):
+        generate_eval_conversations(tmp_path, 2, **{**kwargs, "questions_per_image": 5})
+
+
+# ------------------------------------------------------------------------------------------------ follow-ups
+@pytest.fixture(scope="module")
+def shipped():
+    from etc_ext.demo.artifacts import load_etc, load_full
+
+    full, processor = load_full()
+    etc, _, _ = load_etc("etc-m1-vid")
+    return {"full": full, "etc": etc}, processor
+
+
+def _whole_conversation_answer(model, processor, image_path, turns):
+    """The oracle: a fresh generate() of the whole conversation (no cache), turns = [(role, text), ...]."""
+    from etc_ext.data.conversation import encode_prompt, load_image, to_chat_messages
+
+    item = encode_prompt(processor, to_chat_messages(turns), [load_image(image_path)])
+    tokenizer = processor.tokenizer
+    out = model.generate(input_ids=item["input_ids"][None], attention_mask=item["attention_mask"][None],
+                         pixel_values=item["pixel_values"], max_new_tokens=4, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, item["input_ids"].shape[0] :], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name", ["full", "etc"])
+def test_follow_ups_continue_the_cache_as_a_fresh_chat_would(eval_data, shipped, name, tmp_path):
+    from etc_ext.data import ConversationDataset
+    from etc_ext.demo.followup import evaluate_followups
+    from etc_ext.evaluate import evaluate
+
+    out, path, _ = eval_data
+    models, processor = shipped
+    model = models[name]
+    with open(path) as f:
+        singles = [r for r in json.load(f) if r["conversation"] < 6]
+    small = out / f"small-{name}.json"
+    with open(small, "w") as f:
+        json.dump(singles, f)
+    batched = evaluate_followups(model, processor, small, batch_size=4)
+    alone = evaluate_followups(model, processor, small, batch_size=1)
+    assert [p["prediction"] for p in batched["predictions"]] == [p["prediction"] for p in alone["predictions"]]
+    assert batched["num_questions"] == 6 and set(batched["per_turn"]) == {0, 1}
+    # the first question is a single question: the same answers as evaluate() on the same prompts and batches
+    firsts = ConversationDataset([r for r in singles if r["turn"] == 0], processor, out, mode="eval")
+    expected = evaluate(model, processor, firsts, batch_size=4, max_new_tokens=4, warmup=0, progress=False)
+    got = [p for p in batched["predictions"] if p["turn"] == 0]
+    assert [p["prediction"] for p in got] == [p["prediction"] for p in expected["predictions"]]
+    # a follow-up answer is what a fresh generate() of the whole chat (the model's own first answer in it) gives
+    predictions = {(p["conversation"], p["turn"]): p for p in batched["predictions"]}
+    for conversation in range(6):
+        first, second = [r for r in singles if r["conversation"] == conversation]
+        turns = [("user", first["conversations"][0]["value"]), ("assistant", predictions[(conversation, 0)]["prediction"]),
+                 ("user", second["conversations"][0]["value"].replace("<image>\n", ""))]  # fmt: skip
+        oracle = _whole_conversation_answer(model, processor, str(out / first["image"]), turns)
+        assert predictions[(conversation, 1)]["prediction"] == oracle, conversation
+    correct = [p["correct"] for p in batched["predictions"] if p["turn"] == 1]
+    assert batched["accuracy"] == pytest.approx(sum(correct) / 6)
+
+
+def test_follow_ups_refuse_first_turns_of_other_data(eval_data, shipped):
+    from etc_ext.data import ConversationDataset
+    from etc_ext.demo.followup import evaluate_followups
+
+    out, path, _ = eval_data
+    models, processor = shipped
+    with open(path) as f:
+        records = json.load(f)
+    wrong = ConversationDataset([r for r in records if r["turn"] == 1], processor, out, mode="eval")
+    with pytest.raises(ValueError, match="first question of every conversation"):
+        evaluate_followups(models["full"], processor, path, first_turns=wrong)
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+def test_wilson_interval():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson_interval(600, 1000)
+    assert high - low == pytest.approx(0.0604, abs=2e-3)  # about +-3 points at 60 % over 1000 questions
+    assert wilson_interval(0, 0) == (0.0, 1.0)

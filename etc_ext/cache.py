@@ -192,12 +192,15 @@ class ETCCacheState:
             these, then one column per new token).
         position_offset: `(B,)` M * images per row: user-layout position ids + offset = extended positions.
         next_position: `(B,)` position of the first token after the prompt.
+        trailing_tokens: how many of the prefill's last entries are one token each in every row (the text after
+            each row's last image): what `ETCCache.crop` may remove besides the entries added since.
     """
 
     attention_mask: torch.Tensor
     input_length: int
     position_offset: torch.Tensor
     next_position: torch.Tensor
+    trailing_tokens: int = 0
 
     @property
     def prefill_length(self) -> int:
@@ -241,6 +244,16 @@ class ETCCacheState:
             positions = position_ids.to(device) + self.position_offset[:, None]
         return mask, positions
 
+    def drop_trailing_tokens(self, count: int) -> None:
+        """Forget the prefill's last `count` tokens (their entries were cropped from the cache)."""
+        if not 0 <= count <= self.trailing_tokens:
+            raise ValueError(f"can drop 0 to {self.trailing_tokens} of the prefill's trailing tokens, got {count}")
+        if count:
+            self.attention_mask = self.attention_mask[:, :-count]
+            self.input_length -= count
+            self.next_position = self.next_position - count
+            self.trailing_tokens -= count
+
     def _map(self, fn) -> None:
         self.attention_mask = fn(self.attention_mask)
         self.position_offset = fn(self.position_offset)
@@ -263,6 +276,22 @@ class ETCCache(DynamicCache):
         super().batch_select_indices(indices)
         if self.etc_state is not None:
             self.etc_state._map(lambda t: t[indices.to(t.device)])
+
+    def crop(self, tokens_to_remove: int):
+        """Drop the last `-tokens_to_remove` entries (assisted decoding's rollback of rejected candidates): entries
+        added after the compressed prefill, then the prefill's trailing text tokens (one entry each); never an
+        image's compressed entries."""
+        if self.etc_state is not None and tokens_to_remove < 0:
+            state = self.etc_state
+            added = self.get_seq_length() - state.prefill_length
+            if -tokens_to_remove > added + state.trailing_tokens:
+                raise ValueError(
+                    f"ETCCache.crop({tokens_to_remove}): only the last {added + state.trailing_tokens} entries are one "
+                    "token each (the text after the last image and what came after the prefill); the entries before "
+                    "them hold compressed images"
+                )
+            state.drop_trailing_tokens(max(-tokens_to_remove - added, 0))
+        super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)

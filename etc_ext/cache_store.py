@@ -84,7 +84,12 @@ def save_compressed_cache(cache, path: str | os.PathLike, model: nn.Module) -> N
     for name in _STATE_TENSORS:
         tensors[f"state.{name}"] = getattr(state, name)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    metadata = {"format": FORMAT, "etc_ext_version": __version__, "input_length": str(state.input_length)}
+    metadata = {
+        "format": FORMAT,
+        "etc_ext_version": __version__,
+        "input_length": str(state.input_length),
+        "trailing_tokens": str(state.trailing_tokens),
+    }
     metadata.update({f"identity.{k}": v for k, v in cache_identity(model).items()})
     path = os.fspath(path)
     temporary = f"{path}.tmp-{os.getpid()}"
@@ -130,6 +135,8 @@ def load_compressed_cache(path: str | os.PathLike, model: nn.Module, device=None
     for i in range(num_layers):
         cache.update(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"], i)
     cache.etc_state = ETCCacheState(
-        input_length=int(metadata["input_length"]), **{name: tensors[f"state.{name}"] for name in _STATE_TENSORS}
+        input_length=int(metadata["input_length"]),
+        trailing_tokens=int(metadata.get("trailing_tokens", 0)),  # files written before it was recorded: none
+        **{name: tensors[f"state.{name}"] for name in _STATE_TENSORS},
     )
     return cache

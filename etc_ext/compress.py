@@ -511,6 +511,15 @@ def masked_prefill(
     return hidden_states, index, keep_index >= 0
 
 
+def _trailing_text_tokens(layout: ETCLayout) -> int:
+    """The number of text tokens after the last image (its compression tokens) in every row: the last entries of
+    the right-aligned compacted cache that are one token each."""
+    columns = torch.arange(layout.length, device=layout.token_type.device)
+    last_image = torch.where(layout.token_type != TEXT, columns, -1).max(dim=-1).values  # (B,), -1: no image
+    trailing = (layout.attention_mask & (columns > last_image[:, None])).sum(dim=-1)
+    return int(trailing.min()) if layout.batch_size else 0
+
+
 def etc_prefill(
     run_language_model: RunLanguageModel,
     layout: ETCLayout,
@@ -564,6 +573,7 @@ def etc_prefill(
         input_length=input_length,
         position_offset=position_offset,
         next_position=layout.next_position(),
+        trailing_tokens=_trailing_text_tokens(layout),
     )
     cache.etc_state = state
     return PrefillOutput(

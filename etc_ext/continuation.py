@@ -36,10 +36,16 @@ class CompressedCacheGenerationMixin:
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
         """generate() feeds the tokens its cache does not hold, counting them as `input_ids` minus the cache's
-        length; a compressed cache holds fewer entries than the tokens it covers, so count with what it covers."""
+        length; a compressed cache holds fewer entries than the tokens it covers, so count with what it covers.
+
+        An empty cache means a prefill, whose images must be compressed: generate() as an assistant (assisted
+        decoding) marks even its prefill as a later step and would drop the images (`mm_encoder_outputs`, which
+        the main model encoded), so the call with an empty cache counts as the first."""
         state = getattr(cache, "etc_state", None)
         if state is not None and next_sequence_length is not None:
             next_sequence_length = input_ids.shape[1] - state.covered_length(cache.get_seq_length())
+        if cache is None or cache.get_seq_length() == 0:
+            kwargs["is_first_iteration"] = True
         return super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
         )

@@ -209,6 +209,9 @@ def test_saved_cache_answers_later_without_the_image(tmp_path):
     loaded = load_compressed_cache(path, model)
     for original, restored in zip(cache.layers, loaded.layers):
         assert torch.equal(original.keys, restored.keys) and torch.equal(original.values, restored.values)
+    for name, value in vars(cache.etc_state).items():
+        restored = getattr(loaded.etc_state, name)
+        assert torch.equal(value, restored) if isinstance(value, torch.Tensor) else value == restored, name
     text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}  # no vision tower needed
     with torch.no_grad():
         assert_same_generation(greedy(model, **text_only, cache=loaded), greedy(model, **inputs))
@@ -325,6 +328,55 @@ def test_assisted_decoding_gives_the_greedy_tokens(backbone):
     with torch.no_grad():
         assisted = etc.generate(**inputs, assistant_model=plain, **settings)
         assert torch.equal(assisted, etc.generate(**inputs, **settings))
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_an_etc_assistant_drafts_from_the_compressed_image(backbone):
+    """An ETC model as the assistant: generate() gives an assistant only the images the main model encoded
+    (`mm_encoder_outputs`) and marks its prefill as a later step; the assistant still compresses them. A plain main
+    model keeps its greedy tokens; an ETC main model with its own copy as assistant (drafting 5 tokens at a time,
+    whatever their probability) accepts every draft, as they are its own greedy tokens: one main-model pass."""
+    plain, etc, inputs = _assisted_pair(backbone)
+    settings = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(plain.generate(**inputs, assistant_model=etc, **settings), plain.generate(**inputs, **settings))
+        assistant, calls = copy.deepcopy(etc), []
+        assistant.generation_config.update(
+            assistant_confidence_threshold=0.0, num_assistant_tokens=5, num_assistant_tokens_schedule="constant"
+        )
+        handle = etc.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            assisted = etc.generate(**inputs, assistant_model=assistant, **settings)
+        finally:
+            handle.remove()
+        assert torch.equal(assisted, etc.generate(**inputs, **settings))
+    assert len(calls) == 1, f"{len(calls)} main-model passes: the assistant's drafts were rejected"
+
+
+def test_an_etc_cache_crops_text_entries_only():
+    """crop() (assisted decoding's rollback) removes decoded entries and the prompt's text after the image, one entry
+    per token, and keeps the state consistent: decoding the cropped tokens again gives the logits of a cache that
+    never held them. The compressed image's entries cannot be cropped."""
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch([[2, "I", 3]])  # 3 text tokens after the image
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        cache = model(**inputs, cache=DynamicCache(), use_cache=True).cache
+        step = model(input_ids=ids[:, -1:].clone(), cache=cache, use_cache=True)  # decode one token
+        length = cache.get_seq_length()
+        with pytest.raises(ValueError, match="only the last 4 entries are one token each"):
+            cache.crop(-5)
+        assert cache.get_seq_length() == length
+        cache.crop(-3)  # the decoded token and the prompt's last two
+        shorter = {k: v[:, :-2] if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
+        fresh = model(**shorter, cache=DynamicCache(), use_cache=True).cache
+        assert cache.get_seq_length() == fresh.get_seq_length()
+        assert cache.etc_state.covered_length(cache.get_seq_length()) == shorter["input_ids"].shape[1]
+        # the whole prompt with its mask: the last 2 tokens are new
+        again = model(input_ids=ids, attention_mask=inputs["attention_mask"], cache=cache, use_cache=True)
+        reference = model(input_ids=ids, attention_mask=inputs["attention_mask"], cache=fresh, use_cache=True)
+    torch.testing.assert_close(again.logits[:, -1], reference.logits[:, -1], atol=1e-5, rtol=0)
+    assert step.logits.shape[1] == 1
 
 
 def test_prefill_logits_for_tokens_before_the_last_image_are_refused():

@@ -653,6 +653,26 @@ def test_disabling_etc_stops_its_parameters_from_requiring_grad():
     assert [p.requires_grad for p in model.etc.parameters()] == before and any(before)
 
 
+def test_disabling_etc_unfreezes_the_vision_tower_as_before_apply():
+    """Disabled, the model trains as the original: the vision tower requires grad as before apply_etc froze it (also
+    in a deepcopy); enabled again, it is frozen again."""
+    plain = tiny_llava()
+    plain.model.vision_tower.requires_grad_(True)
+    plain.model.vision_tower.post_layernorm.requires_grad_(False)  # a user's choice, kept
+    original = [p.requires_grad for p in plain.model.vision_tower.parameters()]
+    model = apply_etc(plain, small_config())
+    for candidate in (model, copy.deepcopy(model)):
+        tower = candidate.model.vision_tower
+        assert not any(p.requires_grad for p in tower.parameters())
+        candidate.etc.enabled = False
+        assert [p.requires_grad for p in tower.parameters()] == original
+        candidate.etc.enabled = True
+        assert not any(p.requires_grad for p in tower.parameters())
+    model.etc.enabled = False
+    remove_etc(model)
+    assert [p.requires_grad for p in model.model.vision_tower.parameters()] == original
+
+
 def test_a_mutated_config_is_revalidated_and_damaged_checkpoints_name_their_file(tmp_path):
     config = small_config()
     config.num_compression_tokens = -5  # changed after validation

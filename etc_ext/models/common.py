@@ -58,9 +58,9 @@ class ETCModules(nn.Module):
             embeddings (`gh * gw == config.num_visual_tokens`), see `etc_ext.distill.VIDDecoder`.
         compression_tokens: the `[M, hidden_size]` embeddings inserted after each image.
         distill: the training-only decoder and variances (`None` when `config.loss == "none"`).
-        enabled: when False the patched model runs exactly as the original one, and ETC's parameters stop requiring
-            grad (they would get none: DDP would need find_unused_parameters); True again restores their
-            `requires_grad`. The vision tower stays as apply_etc left it (remove_etc restores it).
+        enabled: when False the patched model runs and trains exactly as the original one: ETC's parameters stop
+            requiring grad (they would get none: DDP would need find_unused_parameters) and the vision tower
+            requires grad as it did before apply_etc froze it; True again restores both as they were.
         prefill_method: "auto" (segmented two-pass prefill when possible, else masked single pass), "segmented"
             or "masked"; `forward(..., etc_prefill_method=...)` overrides it per call.
     """
@@ -90,16 +90,31 @@ class ETCModules(nn.Module):
         value = bool(value)
         if value == self._enabled:
             return
+        tower = self._vision_tower()
         if not value:  # remember what trains with ETC on
             self._grad_when_enabled = [p.requires_grad for p in self.parameters()]
             self.requires_grad_(False)
+            if tower is not None:
+                self._tower_grad_when_enabled = [p.requires_grad for p in tower.parameters()]
+                _set_requires_grad(tower, self.vision_requires_grad)  # as before apply_etc
         else:
-            for param, requires_grad in zip(self.parameters(), self._grad_when_enabled):
-                param.requires_grad_(requires_grad)
+            _set_requires_grad(self, self._grad_when_enabled)
+            if tower is not None:
+                _set_requires_grad(tower, self._tower_grad_when_enabled)
         self._enabled = value
+
+    def _vision_tower(self) -> Optional[nn.Module]:
+        """The patched model's vision tower (None before apply_etc registered the model)."""
+        model = self.__dict__.get("_model")
+        return None if model is None else model._etc_vision_tower()
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, prefill_method={self.prefill_method!r}"
+
+
+def _set_requires_grad(module: nn.Module, flags: list) -> None:
+    for param, requires_grad in zip(module.parameters(), flags):
+        param.requires_grad_(requires_grad)
 
 
 class FrozenTeacher(nn.Module):
@@ -176,6 +191,9 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
     if config.freeze_vision_tower:
         tower.requires_grad_(False)
     base.etc = etc
+    # The model, for `enabled` to reach its vision tower: a plain attribute (not a submodule, so no cycle in the
+    # module tree or the state dict); deepcopy maps it to the copied model.
+    object.__setattr__(etc, "_model", base)
     base.__class__ = etc_subclass(etc.original_class, etc_class)
     return model
 
@@ -214,10 +232,10 @@ def uninstall_etc(model: nn.Module) -> nn.Module:
     etc = getattr(base, "etc", None)
     if not isinstance(etc, ETCModules):
         raise ValueError("remove_etc: ETC is not applied to this model")
-    for param, requires_grad in zip(base._etc_vision_tower().parameters(), etc.vision_requires_grad):
-        param.requires_grad_(requires_grad)
+    _set_requires_grad(base._etc_vision_tower(), etc.vision_requires_grad)
     base.__class__ = etc.original_class
     del base.etc
+    etc.__dict__.pop("_model", None)
     return model
 
 

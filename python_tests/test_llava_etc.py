@@ -723,3 +723,38 @@ def test_a_failed_from_pretrained_leaves_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="base_model.safetensors cannot be read"):
         from_pretrained(model, tmp_path)
     assert_untouched(model, tiny_llava())
+
+
+def test_hugging_face_save_pretrained_keeps_the_etc_parts(tmp_path, caplog):
+    """An ETC model's Hugging Face save_pretrained writes the original model (config.json names the original class,
+    no etc.* weights in model.safetensors) and ETC's parts beside it; etc_ext's from_pretrained and
+    load_for_inference bring the trained parts back; apply_etc on the bare reload warns that it makes new ones."""
+    from safetensors.torch import load_file
+
+    from etc_ext.data import build_processor
+    from etc_ext.models.loading import load_for_inference
+
+    model = apply_etc(tiny_llava(), small_config())
+    with torch.no_grad():
+        model.etc.compression_tokens.weight.add_(1.0)  # "trained": not what a fresh apply_etc gives
+    model.save_pretrained(tmp_path)
+    build_processor().save_pretrained(tmp_path)  # load_for_inference loads one (not used here)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert not any(name.startswith("etc.") for name in load_file(tmp_path / "model.safetensors"))
+    assert type(model).__name__ == "ETCLlavaForConditionalGeneration" and hasattr(model, "etc")  # unchanged
+
+    inputs, _ = make_batch([[2, "I", 3]])
+    with torch.no_grad(), caplog.at_level("WARNING", logger="etc_ext.models.common"):
+        expected = model(**inputs).logits
+        reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+        restored = from_pretrained(reloaded, tmp_path)
+        assert "holds trained ETC parts" not in caplog.text  # from_pretrained loads them: no warning
+        torch.testing.assert_close(restored(**inputs).logits, expected)
+        loaded, _, etc_config = load_for_inference(tmp_path, attn_implementation="sdpa")
+        assert etc_config == model.etc.config
+        torch.testing.assert_close(loaded(**inputs).logits, expected)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="etc_ext.models.common"):
+        apply_etc(LlavaForConditionalGeneration.from_pretrained(tmp_path), small_config())
+    assert "holds trained ETC parts" in caplog.text and "etc_ext.models.common.from_pretrained" in caplog.text

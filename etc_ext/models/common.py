@@ -6,7 +6,9 @@ save with the model; `save_pretrained` / `from_pretrained` write and read them (
 base weights or the peft adapters) beside an `etc_config.json`.
 """
 
+import contextvars
 import copy
+import logging
 import os
 from typing import Callable, Optional
 
@@ -39,6 +41,8 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
 ]
+
+logger = logging.getLogger(__name__)
 
 ETC_CONFIG_NAME = "etc_config.json"
 ETC_WEIGHTS_NAME = "etc_model.safetensors"
@@ -169,6 +173,7 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
         raise ValueError("ETC is already applied to this model (remove_etc(model) first)")
     if getattr(base, "baseline", None) is not None:
         raise ValueError("a training-free baseline is applied to this model (etc_ext.baselines.remove_baseline first)")
+    _warn_if_trained_parts_are_left_behind(base)
     text_config = base.config.get_text_config()
     num_visual_tokens, position_grid = etc_class.etc_visual_token_count(base.config)
     expected = {"hidden_size": text_config.hidden_size, "num_visual_tokens": num_visual_tokens}
@@ -196,6 +201,22 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
     object.__setattr__(etc, "_model", base)
     base.__class__ = etc_subclass(etc.original_class, etc_class)
     return model
+
+
+_LOADING_ETC_PARTS = contextvars.ContextVar("etc_ext_loading_etc_parts", default=False)
+
+
+def _warn_if_trained_parts_are_left_behind(base: nn.Module) -> None:
+    """A model loaded with Hugging Face's `from_pretrained` from a folder that also holds ETC parts (an ETC model's
+    `save_pretrained`) gets new, untrained parts from apply_etc: say how to load the trained ones."""
+    source = getattr(base.config, "_name_or_path", None) or ""
+    if _LOADING_ETC_PARTS.get() or not os.path.isfile(os.path.join(source, ETC_CONFIG_NAME)):
+        return
+    logger.warning(
+        "apply_etc: the model was loaded from %s, which holds trained ETC parts (%s); apply_etc gives it new, "
+        "untrained ones. To load the trained parts use etc_ext.models.common.from_pretrained(model, %r) instead.",
+        source, ETC_CONFIG_NAME, source,
+    )  # fmt: skip
 
 
 def _check_num_compression_tokens(num_compression_tokens, num_visual_tokens, position_grid, text_config) -> None:
@@ -388,7 +409,11 @@ def from_pretrained(
             from .loading import integration_for
 
             apply_etc = integration_for(model).apply_etc
-        apply_etc(model, copy.deepcopy(config))
+        loading = _LOADING_ETC_PARTS.set(True)
+        try:
+            apply_etc(model, copy.deepcopy(config))
+        finally:
+            _LOADING_ETC_PARTS.reset(loading)
     else:
         differences = existing.config.differences(config)
         if differences:

@@ -26,6 +26,7 @@ import torch
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from . import common
 from .common import ETCModules, check_etc_inputs
 from .etc_generation import ETCGenerationMixin
 from .etc_hooks import ETCInputs
@@ -142,6 +143,25 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             **self._etc_token_kwargs(**token_inputs),
             **kwargs,
         )
+
+    # ---------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Hugging Face's `save_pretrained`, written as the original model (its weights without ETC's, config.json
+        naming the original class, so `AutoModel*` / the original class's `from_pretrained` load it) with ETC's parts
+        beside it (`etc_config.json`, `etc_model.safetensors`, as `etc_ext.models.common.save_pretrained` writes
+        them): `etc_ext.models.common.from_pretrained(model, save_directory)` and `etc-ext eval --model save_directory`
+        bring them back."""
+        etc = getattr(self, "etc", None)
+        if etc is None:  # a bare ETC class: the original model only
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        state_dict = kwargs.pop("state_dict", None)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = {name: value for name, value in state_dict.items() if not name.startswith("etc.")}
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.config.architectures = [etc.original_class.__name__]
+            self.config.save_pretrained(save_directory)
+            common.save_pretrained(self, save_directory, save_base_weights=False)
 
     def _etc_run_language_model(self, inputs_embeds, attention_mask, position_ids, cache, **token_inputs):
         """`RunLanguageModel` for the prefill drivers of `etc_ext.compress`."""

@@ -107,17 +107,17 @@ def load_for_inference(
     - a plain model folder (`path`), optionally with ETC parts from `etc` (a `save_pretrained` folder of
       `etc_ext.models.<family>`);
     - the `final/` folder of an `etc-ext train --etc-config ...` run (`path`): it holds the ETC parts and names its
-      base model in `training_info.json` (`base_model` overrides it, e.g. after moving files).
+      base model in `training_info.json` (`base_model` overrides it, e.g. after moving files);
+    - a folder an ETC model's Hugging Face `save_pretrained` wrote (`path`): the model and its ETC parts side by side.
 
     Returns:
         `(model, processor, etc_config)`: the model in eval mode (ETC applied when there are ETC parts, LoRA
         adapters merged), its processor, and the `ETCConfig` (None for a plain model).
     """
     path = os.fspath(path)
-    if etc is None and os.path.isfile(os.path.join(path, ETC_CONFIG_NAME)) and not os.path.isfile(
-        os.path.join(path, "config.json")
-    ):
-        etc = path
+    if etc is None and os.path.isfile(os.path.join(path, ETC_CONFIG_NAME)):
+        etc = path  # ETC parts beside the model (an ETC model's Hugging Face save_pretrained) or a final/ folder
+    if etc == path and not os.path.isfile(os.path.join(path, "config.json")):
         if base_model is None:
             info_path = os.path.join(path, TRAINING_INFO_NAME)
             if not os.path.isfile(info_path):

@@ -44,6 +44,8 @@ __all__ = [
     "can_segment",
     "segmented_prefill",
     "masked_prefill",
+    "compact_masked_pass",
+    "prefill_state",
     "etc_prefill",
 ]
 
@@ -506,9 +508,32 @@ def masked_prefill(
     hidden_states = run_language_model(inputs_embeds, mask, layout.position_ids, cache, **(token_inputs or {}))
     index = torch.arange(layout.length, device=inputs_embeds.device).expand(layout.batch_size, -1)
     index = index.masked_fill(~layout.attention_mask, -1)
+    return hidden_states, index, compact_masked_pass(layout, cache)
+
+
+def compact_masked_pass(layout: ETCLayout, cache: DynamicCache) -> torch.Tensor:
+    """After one pass of the whole extended sequence under the bottleneck mask: drop the visual entries and the
+    padding from every layer of `cache` and right-align the rest. Returns the bool `(B, C)` validity of the entries."""
     keep_index = right_aligned_index(layout.attention_mask & (layout.token_type != VISUAL))
     compact_dynamic_cache(cache, keep_index, empty_slots=True)
-    return hidden_states, index, keep_index >= 0
+    return keep_index >= 0
+
+
+def prefill_state(
+    layout: ETCLayout, cache_valid: torch.Tensor, input_length: int, past_offset: Optional[torch.Tensor] = None
+) -> ETCCacheState:
+    """The `ETCCacheState` of a cache compacted after a prefill of `layout` (`cache_valid`: its entries' validity;
+    `past_offset`: the position offset of earlier turns' images already in the cache)."""
+    position_offset = layout.num_compression_tokens * layout.num_images
+    if past_offset is not None:
+        position_offset = position_offset + past_offset.to(position_offset.device)
+    return ETCCacheState(
+        attention_mask=cache_valid,
+        input_length=input_length,
+        position_offset=position_offset,
+        next_position=layout.next_position(),
+        trailing_tokens=_trailing_text_tokens(layout),
+    )
 
 
 def _trailing_text_tokens(layout: ETCLayout) -> int:
@@ -565,16 +590,7 @@ def etc_prefill(
     # Each row's last real token: the largest extended index among the last pass's columns.
     last_column = index.argmax(dim=-1)  # (B,)
     rows = torch.arange(layout.batch_size, device=index.device)
-    position_offset = layout.num_compression_tokens * layout.num_images
-    if past_offset is not None:
-        position_offset = position_offset + past_offset.to(position_offset.device)
-    state = ETCCacheState(
-        attention_mask=cache_valid,
-        input_length=input_length,
-        position_offset=position_offset,
-        next_position=layout.next_position(),
-        trailing_tokens=_trailing_text_tokens(layout),
-    )
+    state = prefill_state(layout, cache_valid, input_length, past_offset)
     cache.etc_state = state
     return PrefillOutput(
         last_hidden_state=hidden_states[rows, last_column],

@@ -43,7 +43,13 @@ class CompressedCacheGenerationMixin:
         the main model encoded), so the call with an empty cache counts as the first."""
         state = getattr(cache, "etc_state", None)
         if state is not None and next_sequence_length is not None:
-            next_sequence_length = input_ids.shape[1] - state.covered_length(cache.get_seq_length())
+            covered = state.covered_length(cache.get_seq_length())
+            next_sequence_length = input_ids.shape[1] - covered
+            if next_sequence_length < 1:  # input_ids[:, -0:] would feed the whole prompt again
+                raise ValueError(
+                    f"the cache already holds all {covered} tokens of input_ids: generate() needs at least one token "
+                    "it does not hold (reuse a cache of a prefix of the prompt, e.g. up to the image)"
+                )
         if cache is None or cache.get_seq_length() == 0:
             kwargs["is_first_iteration"] = True
         return super().prepare_inputs_for_generation(

@@ -415,3 +415,37 @@ def test_a_generated_image_token_id_decodes_as_text_on_a_compressed_cache(method
             step = model(input_ids=torch.full((1, 1), image), attention_mask=mask, cache=cache)
         assert cache.get_seq_length() == cache.etc_state.prefill_length + 3
         assert torch.isfinite(step.logits).all()
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_forward_follows_the_config_use_cache(backbone):
+    """A plain forward call (no use_cache argument) returns a cache when the text config's use_cache is on, as
+    Hugging Face models do: the masked pass's cache, compacted (M entries per image), whose continuation equals the
+    prefill's; the logits stay the masked pass's. use_cache=False, or the config's off, returns none."""
+    _, model, inputs = _assisted_pair(backbone)
+    model.config.get_text_config().use_cache = True
+    with torch.no_grad():
+        output = model(**inputs)
+        assert torch.equal(output.logits, model(**inputs, use_cache=False).logits)
+        prefill = model(**inputs, cache=DynamicCache(), use_cache=True)
+        assert output.cache.get_seq_length() == prefill.cache.get_seq_length() < inputs["input_ids"].shape[1]
+        torch.testing.assert_close(output.logits[:, -1], prefill.logits[:, -1], atol=1e-5, rtol=0)
+        for ours, prefilled in zip(output.cache.layers, prefill.cache.layers):
+            torch.testing.assert_close(ours.keys, prefilled.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours.values, prefilled.values, atol=1e-5, rtol=0)
+        for name, value in vars(prefill.cache.etc_state).items():
+            ours = getattr(output.cache.etc_state, name)
+            assert torch.equal(ours, value) if isinstance(value, torch.Tensor) else ours == value, name
+        # One more token on each cache: the same next logits.
+        step = torch.cat([inputs["input_ids"], output.logits[:, -1:].argmax(-1)], dim=1)
+        mask = torch.ones_like(step)
+        next_ours = model(input_ids=step, attention_mask=mask, cache=output.cache, use_cache=True).logits[:, -1]
+        next_prefill = model(input_ids=step, attention_mask=mask, cache=prefill.cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(next_ours, next_prefill, atol=1e-5, rtol=0)
+        whole_prompt = model(**inputs, cache=DynamicCache(), use_cache=True).cache
+        length = inputs["input_ids"].shape[1]
+        with pytest.raises(ValueError, match=f"the cache already holds all {length} tokens of input_ids"):
+            model.generate(**inputs, cache=whole_prompt, max_new_tokens=2)  # it fed the prompt again, silently
+        assert model(**inputs, use_cache=False).cache is None
+        model.config.get_text_config().use_cache = False
+        assert model(**inputs).cache is None

@@ -7,7 +7,9 @@ which dispatches:
 - compression disabled, or a text-only prompt: the original forward.
 - a cache holding a compressed prefill: decoding, with the user's attention mask and positions mapped onto it.
 - an empty cache or `use_cache=True` (generate()'s prefill): the segmented (or masked) prefill into an `ETCCache`.
-- otherwise: the masked single pass (training), `loss = ce_loss + vid_weight * vid_loss` with labels.
+- otherwise: the masked single pass (training), `loss = ce_loss + vid_weight * vid_loss` with labels; unless
+  `use_cache=False` is passed (or the text config's `use_cache` is off), it also returns the compacted `ETCCache`,
+  as Hugging Face models return their cache.
 
 What differs between backbones sits behind the hooks of `etc_hooks.ETCBackboneHooks` (the "adapter"): how to find
 visual tokens, encode images and build the extended inputs (`_etc_prepare`), the per-token extras each language-model
@@ -129,7 +131,19 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         if prefill:
             method = etc_prefill_method or self.etc.prefill_method
             return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
-        return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs)
+        return self._etc_masked_forward(
+            prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs, self._etc_default_use_cache(use_cache)
+        )
+
+    def _etc_default_use_cache(self, use_cache) -> bool:
+        """Whether the masked forward returns a cache: `use_cache`, else the text config's (as Hugging Face's
+        language models resolve it; off while training with gradient checkpointing, as there)."""
+        if use_cache is not None:
+            return bool(use_cache)
+        language_model = self.model.language_model
+        if self.training and getattr(language_model, "gradient_checkpointing", False):
+            return False
+        return bool(getattr(self.config.get_text_config(), "use_cache", False))
 
     def _etc_language_model(self, language_model, inputs_embeds, attention_mask, position_ids, cache, token_inputs,
                             **kwargs):  # fmt: skip

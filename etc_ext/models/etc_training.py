@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import torch
 from transformers.modeling_utils import slice_logits_to_keep
 
-from ..compress import bottleneck_mask, to_attention_mask
+from ..compress import ETCCache, bottleneck_mask, compact_masked_pass, prefill_state, to_attention_mask
 from ..distill import (
     adapter_layers,
     adapters_disabled,
@@ -24,11 +24,15 @@ __all__ = ["ETCTrainingMixin"]
 class ETCTrainingMixin(ETCBackboneHooks):
     """The masked forward with `loss = ce_loss + vid_weight * vid_loss`, the distillation target and the teacher."""
 
-    def _etc_masked_forward(self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs):
+    def _etc_masked_forward(
+        self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs, return_cache=False
+    ):  # fmt: skip
         """The single pass under the bottleneck mask (training, and the oracle for the prefill).
 
         `kwargs["shift_labels"]` (the user's labels already shifted, as sequence parallelism passes them) go to the
-        loss like `labels`; distillation then reads which tokens are answers from them."""
+        loss like `labels`; distillation then reads which tokens are answers from them. With `return_cache` (the
+        model config's `use_cache`, as Hugging Face models follow it), the pass also fills an `ETCCache`, compacted
+        as the masked prefill does (no gradient flows through it): generate() or a forward call can continue it."""
         shift_labels = kwargs.get("shift_labels")
         supervised = labels is not None or shift_labels is not None
         if labels is None and shift_labels is not None:  # labels[t] = shift_labels[t - 1]: the answer tokens
@@ -45,16 +49,20 @@ class ETCTrainingMixin(ETCBackboneHooks):
             self.etc.config.target_layer, language_model.config.num_hidden_layers
         )
         final = hidden_index == language_model.config.num_hidden_layers
+        cache = ETCCache(config=self.config) if return_cache else None
         outputs = self._etc_language_model(
             language_model,
             prepared.inputs_embeds,
             mask,
             layout.position_ids,
-            None,
+            cache,
             prepared.token_inputs,
             output_hidden_states=[hidden_index] if distill and not final else None,
         )
         hidden_states = outputs.last_hidden_state  # (B, Lx, H)
+        if cache is not None:
+            with torch.no_grad():
+                cache.etc_state = prefill_state(layout, compact_masked_pass(layout, cache), input_ids.shape[1])
 
         # Logits in the user's layout: the output that predicts each user token's successor.
         rows = torch.arange(layout.batch_size, device=hidden_states.device)[:, None]
@@ -81,7 +89,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
                 )
                 loss = ce_loss + self.etc.config.vid_weight * vid_loss
         return self.etc_output_class(
-            loss=loss, logits=logits, ce_loss=ce_loss, vid_loss=vid_loss, **prepared.encoder_outputs
+            loss=loss, logits=logits, cache=cache, ce_loss=ce_loss, vid_loss=vid_loss, **prepared.encoder_outputs
         )
 
     def _etc_distill_loss(

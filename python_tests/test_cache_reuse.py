@@ -327,7 +327,10 @@ def test_assisted_decoding_gives_the_greedy_tokens(backbone):
     settings = dict(max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         assisted = etc.generate(**inputs, assistant_model=plain, **settings)
-        assert torch.equal(assisted, etc.generate(**inputs, **settings))
+        greedy_tokens = etc.generate(**inputs, **settings)
+        assert torch.equal(assisted, greedy_tokens)
+        # prompt lookup: candidates from the prompt (Qwen3-VL's mm_token_type_ids extended over them)
+        assert torch.equal(etc.generate(**inputs, prompt_lookup_num_tokens=3, **settings), greedy_tokens)
 
 
 @pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])

@@ -1,23 +1,26 @@
-// Argument checks shared by the CPU and CUDA implementations of every op.
-// Written once here; etc_ext/ops.py mirrors them (with Python exceptions) and the fake
-// impls mirror them with torch._check.
+// Argument checks shared by the CPU and CUDA implementations of every op: the ops' contract,
+// written once. ValueError for shapes, devices and values, TypeError for dtypes, each message
+// naming the op, the argument and what was expected. The fake (meta) implementations in
+// etc_ext/ops/checks.py give the same errors under torch.compile, with the same wording (dtypes
+// are spelled as Python spells them).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <utility>
-#include <vector>
-
-#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace etc_ext {
+
+// ---- formatting and the checks every op uses
 
 inline std::string shape_str(const at::Tensor& t) {
   std::ostringstream out;
@@ -25,71 +28,60 @@ inline std::string shape_str(const at::Tensor& t) {
   return out.str();
 }
 
-inline void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name,
-                       const char* layout) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must be a ", rank, "-D tensor ", layout,
-              ", got shape ", shape_str(t));
+// The dtype as Python prints it (torch.float32), so that the kernels' errors read like the fakes'.
+inline std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(dtype);
+  }
 }
 
-inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
-              name, " must be float32, float16 or bfloat16, got ", dtype);
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name,
+                       const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == rank, op, ": ", name, " must be a ", rank, "-D tensor ", layout,
+                    ", got shape ", shape_str(t));
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
+                        const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ",
+                    expected, ", got ", shape_str(t));
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op,
+                        const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must have dtype ",
+                   dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                             const char* name, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name,
+                   " must have the dtype of ", ref_name, " (", dtype_name(ref.scalar_type()),
+                   "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
                               const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name,
-              " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
 }
 
-// An optional per-row tensor such as a mask: shape [rows, cols], the given dtype, same device.
-inline void check_optional_2d(const std::optional<at::Tensor>& t, int64_t rows, int64_t cols,
-                              at::ScalarType dtype, const at::Tensor& ref, const char* op,
-                              const char* name, const char* layout) {
-  if (!t.has_value()) return;
-  check_rank(*t, 2, op, name, layout);
-  TORCH_CHECK(t->size(0) == rows && t->size(1) == cols, op, ": ", name, " must have shape ",
-              layout, " = [", rows, ", ", cols, "], got ", shape_str(*t));
-  TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
-              t->scalar_type());
-  check_same_device(*t, ref, op, name, "q");
+// float32, float16 or bfloat16 (the scoring kernels).
+inline void check_score_float(const at::Tensor& t, const char* op, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
+                   name, " must be float32, float16 or bfloat16, got ", dtype_name(dtype));
 }
-
-// cross_attn_scores(q [B, H, T, D], k [B, Hkv, N, D], q_mask [B, T], kv_mask [B, N], q_pos [B, T])
-inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& k,
-                                         std::optional<double> scale,
-                                         const std::optional<at::Tensor>& q_mask,
-                                         const std::optional<at::Tensor>& kv_mask,
-                                         const std::optional<at::Tensor>& q_pos) {
-  constexpr const char* op = "cross_attn_scores";
-  check_rank(q, 4, op, "q", "[B, H, T, D]");
-  check_rank(k, 4, op, "k", "[B, Hkv, N, D]");
-  check_float_dtype(q, op, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have the dtype of q (",
-              q.scalar_type(), "), got ", k.scalar_type());
-  check_same_device(k, q, op, "k", "q");
-  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
-  TORCH_CHECK(k.size(0) == batch, op, ": k must have batch size B = ", batch, " like q, got k ",
-              shape_str(k));
-  TORCH_CHECK(k.size(3) == dim, op, ": k must have head_dim D = ", dim, " like q, got k ",
-              shape_str(k));
-  TORCH_CHECK(dim >= 1 && dim <= 256, op, ": head_dim D must be in [1, 256], got ", dim);
-  TORCH_CHECK(k.size(1) >= 1 && heads % k.size(1) == 0, op,
-              ": the number of query heads H = ", heads,
-              " must be a multiple of the number of kv heads Hkv = ", k.size(1));
-  TORCH_CHECK(!scale.has_value() || (*scale > 0.0 && std::isfinite(*scale)), op,
-              ": scale must be positive and finite, got ", scale.value_or(0.0));
-  check_optional_2d(q_mask, batch, queries, at::kBool, q, op, "q_mask", "[B, T]");
-  check_optional_2d(kv_mask, batch, k.size(2), at::kBool, q, op, "kv_mask", "[B, N]");
-  check_optional_2d(q_pos, batch, queries, at::kLong, q, op, "q_pos", "[B, T]");
-}
-
-}  // namespace etc_ext
-
-// ---------------------------------------------------------------------------------------
-// weighted_aggregate, write_compressed_kv (issue 4)
-namespace etc_ext {
 
 // float32, float16, bfloat16, or float64 (the float64 path exists for gradcheck).
 inline bool is_kernel_float(at::ScalarType dtype) {
@@ -98,17 +90,52 @@ inline bool is_kernel_float(at::ScalarType dtype) {
 }
 
 inline void check_kernel_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": ", name,
-              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ",
+                   dtype_name(t.scalar_type()));
 }
 
-inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
-                        const char* name, const char* layout) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", layout, " = ",
-              expected, ", got ", shape_str(t));
+// An optional per-row tensor such as a mask: shape [rows, cols], the given dtype, ref's device.
+inline void check_optional_2d(const std::optional<at::Tensor>& t, int64_t rows, int64_t cols,
+                              at::ScalarType dtype, const at::Tensor& ref, const char* op,
+                              const char* name, const char* layout, const char* ref_name) {
+  if (!t.has_value()) return;
+  check_rank(*t, 2, op, name, layout);
+  check_shape(*t, {rows, cols}, op, name, layout);
+  check_dtype(*t, dtype, op, name);
+  check_same_device(*t, ref, op, name, ref_name);
 }
 
-// weighted_aggregate(x [B, N, C], logits [B, K, N], importance [B, N], mask bool [B, N])
+// ---- cross_attn_scores(q [B, H, T, D], k [B, Hkv, N, D], q_mask [B, T], kv_mask [B, N],
+//                        q_pos [B, T])
+inline void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& k,
+                                         std::optional<double> scale,
+                                         const std::optional<at::Tensor>& q_mask,
+                                         const std::optional<at::Tensor>& kv_mask,
+                                         const std::optional<at::Tensor>& q_pos) {
+  constexpr const char* op = "cross_attn_scores";
+  check_rank(q, 4, op, "q", "[B, H, T, D]");
+  check_rank(k, 4, op, "k", "[B, Hkv, N, D]");
+  check_score_float(q, op, "q");
+  check_same_dtype(k, q, op, "k", "q");
+  check_same_device(k, q, op, "k", "q");
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == batch, op, ": k must have batch size B = ", batch,
+                    " like q, got k ", shape_str(k));
+  TORCH_CHECK_VALUE(k.size(3) == dim, op, ": k must have head_dim D = ", dim, " like q, got k ",
+                    shape_str(k));
+  TORCH_CHECK_VALUE(dim >= 1 && dim <= 256, op, ": head_dim D must be in [1, 256], got ", dim);
+  TORCH_CHECK_VALUE(k.size(1) >= 1 && heads % k.size(1) == 0, op,
+                    ": the number of query heads H = ", heads,
+                    " must be a multiple of the number of kv heads Hkv = ", k.size(1));
+  TORCH_CHECK_VALUE(!scale.has_value() || (*scale > 0.0 && std::isfinite(*scale)), op,
+                    ": scale must be positive and finite, got ", scale.value_or(0.0));
+  check_optional_2d(q_mask, batch, queries, at::kBool, q, op, "q_mask", "[B, T]", "q");
+  check_optional_2d(kv_mask, batch, k.size(2), at::kBool, q, op, "kv_mask", "[B, N]", "q");
+  check_optional_2d(q_pos, batch, queries, at::kLong, q, op, "q_pos", "[B, T]", "q");
+}
+
+// ---- weighted_aggregate(x [B, N, C], logits [B, K, N], importance [B, N], mask bool [B, N])
 inline void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor& logits,
                                           const std::optional<at::Tensor>& importance,
                                           const std::optional<at::Tensor>& mask) {
@@ -116,28 +143,21 @@ inline void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor&
   check_rank(x, 3, op, "x", "[B, N, C]");
   check_rank(logits, 3, op, "logits", "[B, K, N]");
   check_kernel_float(x, op, "x");
+  const int64_t batch = x.size(0), tokens = x.size(1);
+  TORCH_CHECK_VALUE(logits.size(0) == batch && logits.size(2) == tokens, op,
+                    ": logits must have shape [B, K, N] with B = ", batch, " and N = ", tokens,
+                    " from x ", shape_str(x), ", got ", shape_str(logits));
   check_kernel_float(logits, op, "logits");
   check_same_device(logits, x, op, "logits", "x");
-  const int64_t batch = x.size(0), tokens = x.size(1);
-  TORCH_CHECK(logits.size(0) == batch && logits.size(2) == tokens, op,
-              ": logits must have shape [B, K, N] with B = ", batch, " and N = ", tokens,
-              " from x ", shape_str(x), ", got ", shape_str(logits));
   if (importance.has_value()) {
     check_rank(*importance, 2, op, "importance", "[B, N]");
     check_shape(*importance, {batch, tokens}, op, "importance", "[B, N]");
-    TORCH_CHECK(importance->scalar_type() == at::kFloat ||
-                    importance->scalar_type() == at::kDouble,
-                op, ": importance must be float32 (or float64), got ",
-                importance->scalar_type());
+    const auto dtype = importance->scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
+                     ": importance must be float32 (or float64), got ", dtype_name(dtype));
     check_same_device(*importance, x, op, "importance", "x");
   }
-  if (mask.has_value()) {
-    check_rank(*mask, 2, op, "mask", "[B, N]");
-    check_shape(*mask, {batch, tokens}, op, "mask", "[B, N]");
-    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must have dtype bool, got ",
-                mask->scalar_type());
-    check_same_device(*mask, x, op, "mask", "x");
-  }
+  check_optional_2d(mask, batch, tokens, at::kBool, x, op, "mask", "[B, N]", "x");
 }
 
 // ---- memory: the op writes in place, and its kernels write and read in parallel, so two written
@@ -244,11 +264,11 @@ inline void check_write_compressed_kv_memory(const at::Tensor& key_cache,
   }
 }
 
-// write_compressed_kv(key_cache [num_blocks, block_size, Hkv, D], value_cache (same shape),
-//                     key [B, Hkv, N, D], value (same shape), slot_mapping int64 [B, K],
-//                     weights float32 [B, K, N] | index int64 [B, K])
-// The structural checks only: out-of-range slots and indices are data-dependent and checked
-// by the Python wrapper (the kernels skip them rather than write out of bounds).
+// ---- write_compressed_kv(key_cache [num_blocks, block_size, Hkv, D], value_cache (same shape),
+//                          key [B, Hkv, N, D], value (same shape), slot_mapping int64 [B, K],
+//                          weights float32 [B, K, N] | index int64 [B, K])
+// Structure and memory: out-of-range slots and indices are data-dependent and checked by the
+// Python wrapper (the kernels skip them rather than write out of bounds).
 inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
                                            const at::Tensor& value_cache,
                                            const at::Tensor& key, const at::Tensor& value,
@@ -262,19 +282,15 @@ inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
   check_rank(value_cache, 4, op, "value_cache", "[num_blocks, block_size, Hkv, D]");
   check_kernel_float(key, op, "key");
   check_kernel_float(key_cache, op, "key_cache");
-  TORCH_CHECK(value.scalar_type() == key.scalar_type(), op,
-              ": value must have the dtype of key (", key.scalar_type(), "), got ",
-              value.scalar_type());
-  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
-              ": value_cache must have the dtype of key_cache (", key_cache.scalar_type(),
-              "), got ", value_cache.scalar_type());
+  check_same_dtype(value, key, op, "value", "key");
+  check_same_dtype(value_cache, key_cache, op, "value_cache", "key_cache");
   check_shape(value, key.sizes(), op, "value", "[B, Hkv, N, D] like key");
   const int64_t batch = key.size(0), kv_heads = key.size(1), tokens = key.size(2),
                 dim = key.size(3);
-  TORCH_CHECK(key_cache.size(2) == kv_heads && key_cache.size(3) == dim, op,
-              ": key_cache must have shape [num_blocks, block_size, Hkv, D] with Hkv = ",
-              kv_heads, " and D = ", dim, " from key ", shape_str(key), ", got ",
-              shape_str(key_cache));
+  TORCH_CHECK_VALUE(key_cache.size(2) == kv_heads && key_cache.size(3) == dim, op,
+                    ": key_cache must have shape [num_blocks, block_size, Hkv, D] with Hkv = ",
+                    kv_heads, " and D = ", dim, " from key ", shape_str(key), ", got ",
+                    shape_str(key_cache));
   check_shape(value_cache, key_cache.sizes(), op, "value_cache",
               "[num_blocks, block_size, Hkv, D] like key_cache");
   check_same_device(value, key, op, "value", "key");
@@ -282,28 +298,25 @@ inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
   check_same_device(value_cache, key, op, "value_cache", "key");
 
   check_rank(slot_mapping, 2, op, "slot_mapping", "[B, K]");
-  TORCH_CHECK(slot_mapping.size(0) == batch, op,
-              ": slot_mapping must have shape [B, K] with B = ", batch, " from key, got ",
-              shape_str(slot_mapping));
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op,
-              ": slot_mapping must have dtype int64, got ", slot_mapping.scalar_type());
+  TORCH_CHECK_VALUE(slot_mapping.size(0) == batch, op,
+                    ": slot_mapping must have shape [B, K] with B = ", batch, " from key, got ",
+                    shape_str(slot_mapping));
+  check_dtype(slot_mapping, at::kLong, op, "slot_mapping");
   check_same_device(slot_mapping, key, op, "slot_mapping", "key");
   const int64_t entries = slot_mapping.size(1);
 
-  TORCH_CHECK(weights.has_value() != index.has_value(), op,
-              ": pass exactly one of weights [B, K, N] or index [B, K], got ",
-              weights.has_value() ? "both" : "neither");
+  TORCH_CHECK_VALUE(weights.has_value() != index.has_value(), op,
+                    ": pass exactly one of weights [B, K, N] or index [B, K], got ",
+                    weights.has_value() ? "both" : "neither");
   if (index.has_value()) {
     check_rank(*index, 2, op, "index", "[B, K]");
     check_shape(*index, {batch, entries}, op, "index", "[B, K] like slot_mapping");
-    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": index must have dtype int64, got ",
-                index->scalar_type());
+    check_dtype(*index, at::kLong, op, "index");
     check_same_device(*index, key, op, "index", "key");
   } else {
     check_rank(*weights, 3, op, "weights", "[B, K, N]");
     check_shape(*weights, {batch, entries, tokens}, op, "weights", "[B, K, N]");
-    TORCH_CHECK(weights->scalar_type() == at::kFloat, op,
-                ": weights must have dtype float32, got ", weights->scalar_type());
+    check_dtype(*weights, at::kFloat, op, "weights");
     check_same_device(*weights, key, op, "weights", "key");
   }
   check_write_compressed_kv_memory(key_cache, value_cache, key, value, weights);

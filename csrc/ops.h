@@ -1,5 +1,5 @@
 // Declarations of every etc_ext op implementation. Argument order and names follow the
-// schemas in torch_bindings.cpp and the wrappers in etc_ext/ops.py.
+// schemas in torch_bindings.cpp and the wrappers in etc_ext/ops/.
 #pragma once
 
 #include <ATen/ATen.h>

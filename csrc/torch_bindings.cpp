@@ -12,10 +12,26 @@ TORCH_LIBRARY(etc_ext, m) {
   m.def(
       "cross_attn_scores(Tensor q, Tensor k, float? scale=None, Tensor? q_mask=None, "
       "Tensor? kv_mask=None, Tensor? q_pos=None) -> Tensor");
+  // K softmax-weighted sums of the N tokens of x, the softmax over valid n of
+  // logits + log(importance), computed in one pass without writing the weights.
+  // x: [B, N, C], logits: [B, K, N], importance: float32 [B, N], mask: bool [B, N]
+  // -> [B, K, C] (dtype of x)
+  m.def(
+      "weighted_aggregate(Tensor x, Tensor logits, Tensor? importance=None, "
+      "Tensor? mask=None) -> Tensor");
+  // Writes K entries per batch row, copied (index) or merged (weights) from one layer's
+  // key/value, into the slots slot_mapping names of a paged cache, in place; slot -1 skips.
+  // key_cache, value_cache: [num_blocks, block_size, Hkv, D], key, value: [B, Hkv, N, D],
+  // slot_mapping: int64 [B, K], weights: float32 [B, K, N], index: int64 [B, K]
+  m.def(
+      "write_compressed_kv(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, "
+      "Tensor value, Tensor slot_mapping, *, Tensor? weights=None, Tensor? index=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
   m.impl("cross_attn_scores", &etc_ext::cross_attn_scores_cpu);
+  m.impl("weighted_aggregate", &etc_ext::weighted_aggregate_cpu);
+  m.impl("write_compressed_kv", &etc_ext::write_compressed_kv_cpu);
 }
 
 // The Python module etc_ext._C: importing it loads this library and registers the ops.
@@ -38,28 +54,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in.");
 }
 #endif
-
-// ---------------------------------------------------------------------------------------
-// weighted_aggregate, write_compressed_kv (issue 4). A fragment, so that these schemas sit
-// in their own block next to the TORCH_LIBRARY above.
-TORCH_LIBRARY_FRAGMENT(etc_ext, m) {
-  // K softmax-weighted sums of the N tokens of x, the softmax over valid n of
-  // logits + log(importance), computed in one pass without writing the weights.
-  // x: [B, N, C], logits: [B, K, N], importance: float32 [B, N], mask: bool [B, N]
-  // -> [B, K, C] (dtype of x)
-  m.def(
-      "weighted_aggregate(Tensor x, Tensor logits, Tensor? importance=None, "
-      "Tensor? mask=None) -> Tensor");
-  // Writes K entries per batch row, copied (index) or merged (weights) from one layer's
-  // key/value, into the slots slot_mapping names of a paged cache, in place; slot -1 skips.
-  // key_cache, value_cache: [num_blocks, block_size, Hkv, D], key, value: [B, Hkv, N, D],
-  // slot_mapping: int64 [B, K], weights: float32 [B, K, N], index: int64 [B, K]
-  m.def(
-      "write_compressed_kv(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, "
-      "Tensor value, Tensor slot_mapping, *, Tensor? weights=None, Tensor? index=None) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
-  m.impl("weighted_aggregate", &etc_ext::weighted_aggregate_cpu);
-  m.impl("write_compressed_kv", &etc_ext::write_compressed_kv_cpu);
-}

@@ -12,6 +12,16 @@ DEVICES = [
 ]
 
 
+def assert_refused_alike(functions, call, error, message: str) -> None:
+    """Each of `functions` (an op's wrapper, `torch.ops.etc_ext.<op>` and its fake) refuses `call(function)` with
+    `error` and a message holding `message`: the checks are written once in C++ (csrc/checks.h) and mirrored by the
+    fakes (etc_ext/ops/checks.py) with the same wording, so eager and traced calls fail alike."""
+    for function in functions:
+        with pytest.raises(error) as info:
+            call(function)
+        assert message in str(info.value), (function, message, str(info.value))
+
+
 def pytest_report_header(config):
     import etc_ext
 

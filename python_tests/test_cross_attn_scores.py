@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, assert_refused_alike
 from torch.library import opcheck
 
 from etc_ext import ops, reference
+from etc_ext.ops import scores
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, Hkv, T, N, D): from 1x1x1x1 to the LLaVA-1.5-7B final layer, GQA like Qwen3-VL-2B,
@@ -138,7 +139,7 @@ def test_backward_matches_float64_autograd(device, with_masks, one_slice_per_blo
     """Gradients of the op (float32) against autograd through the float64 reference; with
     `one_slice_per_block` the backward recomputes one (batch row, kv head) at a time."""
     if one_slice_per_block:
-        monkeypatch.setattr(ops, "_BACKWARD_BLOCK_BYTES", 1)
+        monkeypatch.setattr(scores, "_BACKWARD_BLOCK_BYTES", 1)
     shape = (2, 4, 2, 3, 7, 5)
     q, k, masks = make_inputs(shape, torch.float32, device, with_masks)
     q.requires_grad_()
@@ -189,7 +190,7 @@ def test_backward_of_empty_inputs(device, shape):
 def test_gradcheck_backward_formula(with_masks, one_slice_per_block, monkeypatch):
     """torch.autograd.gradcheck in float64 of the backward the op registers."""
     if one_slice_per_block:
-        monkeypatch.setattr(ops, "_BACKWARD_BLOCK_BYTES", 1)
+        monkeypatch.setattr(scores, "_BACKWARD_BLOCK_BYTES", 1)
     q, k, masks = make_inputs((2, 4, 2, 3, 6, 5), torch.float32, "cpu", with_masks)
     q = q.double().requires_grad_()
     k = k.double().requires_grad_()
@@ -212,7 +213,7 @@ class _Float64CrossAttnScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grads = ops._cross_attn_scores_backward(ctx, grad)
+        grads = scores._cross_attn_scores_backward(ctx, grad)
         return grads[0], grads[1], None
 
 
@@ -283,12 +284,11 @@ def test_bad_inputs_raise_clear_errors(case):
         ops.cross_attn_scores(**transform(q, k))
 
 
-def test_kernel_checks_without_wrapper():
-    """Callers of torch.ops.etc_ext.* directly get the C++ checks (RuntimeError)."""
+@pytest.mark.parametrize("case", [c for c in BAD_INPUTS if "not a tensor" not in c[0]], ids=lambda c: c[0])
+def test_the_op_and_its_fake_refuse_alike(case):
+    """Callers of torch.ops.etc_ext.cross_attn_scores directly get the C++ checks, and traced calls the fake's: the
+    same error type and message as the wrapper (the dispatcher itself refuses a non-tensor)."""
+    _, transform, error, fragment = case
     q, k = _good()
-    with pytest.raises(RuntimeError, match="multiple of the number of kv heads"):
-        torch.ops.etc_ext.cross_attn_scores(q[:, :3], k)
-    with pytest.raises(RuntimeError, match="q_mask must have shape"):
-        torch.ops.etc_ext.cross_attn_scores(q, k, None, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="scale must be positive and finite"):
-        torch.ops.etc_ext.cross_attn_scores(q, k, float("inf"))
+    functions = (ops.cross_attn_scores, torch.ops.etc_ext.cross_attn_scores.default, scores._cross_attn_scores_fake)
+    assert_refused_alike(functions, lambda function: function(**transform(q, k)), error, fragment)

@@ -1,0 +1,101 @@
+"""`write_compressed_kv`: the op's wrapper (with the data-dependent checks of slots and indices) and its fake
+(meta) implementation. The op writes in place and has no autograd (it is not differentiable).
+
+The kernels are csrc/cpu/write_compressed_kv.cpp and csrc/cuda/write_compressed_kv.cu, their checks csrc/checks.h
+(structure, and memory: no overlap between the written and the read tensors); the pure-PyTorch reference is
+`etc_ext.reference.write_compressed_kv`.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import checks
+
+__all__ = ["write_compressed_kv"]
+
+
+def _first_bad(bad: torch.Tensor) -> tuple:
+    """(b, k) of the first True entry of a [B, K] bool tensor."""
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_slots_and_indices(key_cache, key, slot_mapping, index) -> None:
+    """Data-dependent checks, before anything is written: every slot is -1 or in
+    [0, num_blocks * block_size), no slot is written twice, every index of a written entry is
+    in [0, N). One device-to-host sync in the common (valid) case."""
+    op = "write_compressed_kv"
+    num_slots = key_cache.shape[0] * key_cache.shape[1]
+    tokens = key.shape[2]
+    bad_slot = (slot_mapping < -1) | (slot_mapping >= num_slots)  # (B, K)
+    writes = slot_mapping >= 0
+    flags = [bad_slot.any()]
+    if index is not None:
+        bad_index = writes & ((index < 0) | (index >= tokens))
+        flags.append(bad_index.any())
+    written = slot_mapping[writes]
+    any_slot_bad, *rest = torch.stack(flags).tolist()
+    if any_slot_bad:
+        b, k = _first_bad(bad_slot)
+        raise ValueError(
+            f"{op}: slot_mapping[{b}, {k}] = {int(slot_mapping[b, k])} is out of range: slots must be -1 (skip) "
+            f"or in [0, num_blocks * block_size) = [0, {num_slots}) for key_cache {checks.shape(key_cache)}"
+        )
+    if rest and rest[0]:
+        b, k = _first_bad(bad_index)
+        raise ValueError(
+            f"{op}: index[{b}, {k}] = {int(index[b, k])} is out of range [0, N) = [0, {tokens}) for key "
+            f"{checks.shape(key)} (slot_mapping[{b}, {k}] = {int(slot_mapping[b, k])})"
+        )
+    if written.numel() > 1 and torch.unique(written).numel() != written.numel():
+        values, counts = torch.unique(written, return_counts=True)
+        raise ValueError(f"{op}: slot_mapping writes slot {int(values[counts > 1][0])} more than once")
+
+
+def write_compressed_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    weights: Optional[torch.Tensor] = None,
+    index: Optional[torch.Tensor] = None,
+    check: bool = True,
+) -> None:
+    """Write K compressed entries per batch row of one layer into a paged KV cache, in place.
+
+    Args:
+        key_cache, value_cache: `(num_blocks, block_size, Hkv, D)`, any strides and a dtype
+            of their own (the op converts). A vLLM-style paged cache as is, or a Hugging Face
+            per-layer cache `(B, Hkv, L, D)` passed as `.transpose(1, 2)` (slot = b * L + position).
+        key, value: `(B, Hkv, N, D)` the layer's keys/values as attention saw them (after RoPE).
+        slot_mapping: int64 `(B, K)`, flat destination slot of each entry, -1 = skip.
+        weights: float32 `(B, K, N)`: entry k = sum_n weights[b, k, n] * key[b, :, n, :]
+            (fp32 accumulation), the merging compressors.
+        index: int64 `(B, K)`: entry k copies source position index[b, k] (the ETC path:
+            keep the prefix and compression tokens). Exactly one of weights / index.
+        check: validate the slots and indices before writing (one device-to-host sync):
+            out-of-range values or a slot written twice raise ValueError and the caches stay
+            bit-for-bit unchanged. check=False skips that (CUDA graphs, or a caller that
+            validated once for all layers); the kernels then skip out-of-range entries rather
+            than write out of bounds. Under torch.compile the data-dependent check is skipped.
+
+    Nothing outside the given slots is written. Memory shared by the written caches, or by a cache and key, value
+    or weights, is refused (ValueError), as are tensors that require grad while grad mode is on: the op is not
+    differentiable.
+    """
+    if check and not torch.compiler.is_compiling():
+        # The value checks read the shapes, so the structure is checked first, with the fake's checks (the kernel
+        # checks it again, as it does for callers of torch.ops.etc_ext directly): nothing is written when either fails.
+        checks.check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+        _check_slots_and_indices(key_cache, key, slot_mapping, index)
+    torch.ops.etc_ext.write_compressed_kv.default(
+        key_cache, value_cache, key, value, slot_mapping, weights=weights, index=index
+    )
+
+
+@torch.library.register_fake("etc_ext::write_compressed_kv")
+def _write_compressed_kv_fake(key_cache, value_cache, key, value, slot_mapping, *, weights=None, index=None):
+    checks.check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+    return None

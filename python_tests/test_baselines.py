@@ -637,3 +637,43 @@ def test_prompts_that_end_with_their_image(method):
         logits = model(**inputs).logits
     assert cache_visual_entries(out.cache).tolist() == [4, 4]
     assert torch.isfinite(logits).all() and out.sequences.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+# ============================================================================ the registry
+def test_a_new_method_is_one_registered_class():
+    """A user's method: a `BaselineMethod` subclass registered by name runs through apply_baseline, forward and the
+    prefill like the built-in ones (here: keep each image's first K projected tokens, which at K = N reproduces the
+    unpatched model); duplicate names, unknown option names and options of other methods are refused by name."""
+    from etc_ext.baselines import METHOD_CLASSES, BaselineConfig, register_method
+    from etc_ext.baselines.mean import ProjectedReduction
+
+    @register_method
+    class FirstTokens(ProjectedReduction):
+        name = "first_tokens"
+
+        def reduce_projected(self, features, config, geometry):
+            return features[:, : config.num_tokens]
+
+    try:
+        model = tiny_llava()
+        original = copy.deepcopy(model)
+        inputs = make_batch(MIXED)
+        real = inputs["attention_mask"].bool()
+        with torch.no_grad():
+            reference = original(**inputs, position_ids=positions(inputs["attention_mask"])).logits
+            apply_baseline(model, "first_tokens", N)
+            torch.testing.assert_close(model(**inputs).logits[real], reference[real], atol=1e-5, rtol=0)
+            remove_baseline(model)
+            apply_baseline(model, "first_tokens", 4)
+            prefill = model(**inputs, use_cache=True)
+        assert cache_visual_entries(prefill.cache).tolist() == [4, 8]
+        with pytest.raises(ValueError, match="a baseline method named 'first_tokens' is already registered"):
+            register_method(type("Other", (ProjectedReduction,), {"name": "first_tokens"}))
+        with pytest.raises(ValueError, match=r"options \['stride'\] are not BaselineConfig fields"):
+            register_method(type("Strided", (ProjectedReduction,), {"name": "strided", "options": {"stride": 2}}))
+        with pytest.raises(ValueError, match="layer=2 is not an option of method 'first_tokens'"):
+            BaselineConfig("first_tokens", 4, layer=2)
+    finally:
+        METHOD_CLASSES.pop("first_tokens", None)
+    with pytest.raises(ValueError, match="unknown baseline method 'first_tokens'; choose one of"):
+        apply_baseline(tiny_llava(), "first_tokens", 4)

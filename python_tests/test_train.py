@@ -7,6 +7,7 @@ epochs) with a checkpoint every 4 steps; the other runs are compared with it.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -519,3 +520,28 @@ def test_resuming_with_more_steps_follows_the_new_schedule(tiny_llava_dir, shape
     for step in (4, 5, 6):
         assert resumed_lr[step] > 0
         assert resumed_lr[step] == pytest.approx(fresh_lr[step], rel=1e-6)
+
+
+def test_qwen3_vl_full_fine_tuning_under_fsdp(tmp_path):
+    """Qwen3-VL + ETC with a frozen teacher under full fine-tuning, sharded as `--fsdp` shards it (the teacher's
+    modules are Qwen3-VL's own: no projector), trains on 2 gloo processes with the loss curve of one process."""
+    from torchrun_fsdp_qwen3_vl_worker import STEPS, train_steps
+
+    from etc_ext.distributed import DistributedContext
+
+    losses_path = tmp_path / "losses.json"
+    worker = os.path.join(ROOT, "python_tests", "torchrun_fsdp_qwen3_vl_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker]
+    result = subprocess.run([*command, str(losses_path)], env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    sharded = json.loads(losses_path.read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train_steps(DistributedContext(), fsdp=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(sharded) == STEPS and all(math.isfinite(loss) for loss in sharded)
+    assert single[-1] < single[0]  # it trains
+    for step, (a, b) in enumerate(zip(sharded, single)):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (step, sharded, single)

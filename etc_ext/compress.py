@@ -69,8 +69,12 @@ class CompressionTokens(nn.Module):
 
     def __init__(self, num_compression_tokens: int, hidden_size: int, initializer_range: float = 0.02):
         super().__init__()
+        self.initializer_range = initializer_range
         self.weight = nn.Parameter(torch.empty(num_compression_tokens, hidden_size))
-        nn.init.normal_(self.weight, std=initializer_range)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.initializer_range)
 
     def forward(self) -> torch.Tensor:
         return self.weight  # (M, hidden_size)

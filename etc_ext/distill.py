@@ -237,10 +237,14 @@ class VIDDecoder(nn.Module):
         self.input_norm = nn.LayerNorm(hidden_size)
         self.context_proj = nn.Linear((num_compression_tokens + 1) * hidden_size, decoder_hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(num_visual_tokens, decoder_hidden_size))
-        nn.init.normal_(self.position_embedding, std=0.02)
+        self.reset_parameters()  # here, before the layers below draw their initial weights (same draws as always)
         self.blocks = nn.ModuleList(DecoderMLPBlock(decoder_hidden_size, intermediate_size) for _ in range(num_layers))
         self.output_norm = nn.LayerNorm(decoder_hidden_size)
         self.output_proj = nn.Linear(decoder_hidden_size, output_size or hidden_size)
+
+    def reset_parameters(self) -> None:
+        """The decoder's own parameter (its layers reset themselves)."""
+        nn.init.normal_(self.position_embedding, std=0.02)
 
     def grid_position_embedding(self, height: int, width: int) -> torch.Tensor:
         """The position grid resampled to `(height, width)`, `(height * width, decoder_hidden_size)` in raster order
@@ -328,8 +332,12 @@ class DistillHead(nn.Module):
             intermediate_size=config.intermediate_size,
             position_grid=position_grid,
         )
-        # w_d with softplus(w_d) = 1: unit variances at the start.
-        self.variance_weight = nn.Parameter(torch.full((hidden_size,), math.log(math.e - 1.0)))
+        self.variance_weight = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The head's own parameter: w_d with softplus(w_d) = 1, unit variances at the start."""
+        nn.init.constant_(self.variance_weight, math.log(math.e - 1.0))
 
     @property
     def variance(self) -> torch.Tensor:

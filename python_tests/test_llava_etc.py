@@ -758,3 +758,27 @@ def test_hugging_face_save_pretrained_keeps_the_etc_parts(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="etc_ext.models.common"):
         apply_etc(LlavaForConditionalGeneration.from_pretrained(tmp_path), small_config())
     assert "holds trained ETC parts" in caplog.text and "etc_ext.models.common.from_pretrained" in caplog.text
+
+
+def test_transformers_initialises_every_etc_parameter():
+    """Weights a checkpoint lacks are initialised by the model's `_init_weights` (transformers' `initialize_weights`,
+    what `from_pretrained` runs for missing keys, e.g. a model built on the meta device): ETC's own parameters too
+    (the compression tokens, the decoder's position embeddings, the variances), as ETC's modules make them."""
+    model = apply_etc(tiny_llava(), small_config())
+    fresh = copy.deepcopy(model.etc)
+    model.to_empty(device="cpu")  # the memory of a model built on the meta device
+    with torch.no_grad():
+        for param in model.etc.parameters():
+            param.fill_(float("nan"))
+    for module in model.modules():
+        module._is_hf_initialized = False  # nothing was loaded
+    model.initialize_weights()
+    etc = model.etc
+    assert all(bool(torch.isfinite(p).all()) for p in etc.parameters())
+    assert torch.equal(etc.distill.variance_weight, fresh.distill.variance_weight)  # softplus(w) = 1
+    std = etc.compression_tokens.weight.std().item()
+    assert abs(std - model.config.text_config.initializer_range) < 0.5 * model.config.text_config.initializer_range
+    assert abs(etc.distill.decoder.position_embedding.std().item() - 0.02) < 0.01
+    for name, param in etc.distill.decoder.named_parameters():
+        if "norm" in name:  # LayerNorms: transformers' rule, ones and zeros
+            assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))

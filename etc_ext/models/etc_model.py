@@ -28,6 +28,8 @@ import torch
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from ..compress import CompressionTokens
+from ..distill import DistillHead, VIDDecoder
 from . import common
 from .common import ETCModules, check_etc_inputs
 from .etc_generation import ETCGenerationMixin
@@ -157,6 +159,16 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             **self._etc_token_kwargs(**token_inputs),
             **kwargs,
         )
+
+    # ---------------------------------------------------------------------------------------------- weights
+    def _init_weights(self, module):
+        """transformers' initialisation, and ETC's own parameters as ETC's modules make them (transformers calls this
+        for weights a checkpoint lacks, e.g. a model built on the meta device; its Linear and LayerNorm layers, the
+        decoder's included, keep transformers' rule)."""
+        if isinstance(module, (CompressionTokens, VIDDecoder, DistillHead)):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
 
     # ---------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -15,6 +15,10 @@ _TARGET_SOURCES = ("teacher", "student")
 _SCORE_CONTEXTS = ("causal", "image")
 
 
+# The decoder width apply_etc picks at most (LLaVA-1.5-7B, Qwen3-VL-2B); smaller models get their hidden size.
+MAX_DEFAULT_DECODER_HIDDEN_SIZE = 1024
+
+
 @dataclass
 class ETCConfig:
     r"""
@@ -47,8 +51,10 @@ class ETCConfig:
         score_context (`str`, *optional*, defaults to `"causal"`):
             Normalisation of the attention probabilities: `"causal"` over the whole causal context, as eager
             attention's probabilities (what the paper reads), or `"image"` renormalised over the image's visual tokens.
-        decoder_hidden_size (`int`, *optional*, defaults to 1024):
-            Width of the training-only MLP decoder that predicts mu [N, D].
+        decoder_hidden_size (`int`, *optional*):
+            Width of the training-only MLP decoder that predicts mu [N, D]. Defaults to the language model's hidden
+            size, at most `MAX_DEFAULT_DECODER_HIDDEN_SIZE` (1024), filled in by `apply_etc`: the decoder scales with
+            the model (LLaVA-1.5-7B and Qwen3-VL-2B get 1024, a test-sized model a decoder of its own size).
         decoder_num_layers (`int`, *optional*, defaults to 2):
             Number of residual MLP blocks of the decoder.
         decoder_intermediate_size (`int`, *optional*):
@@ -73,7 +79,7 @@ class ETCConfig:
     teacher: str = "frozen"
     target_source: str = "teacher"
     score_context: str = "causal"
-    decoder_hidden_size: int = 1024
+    decoder_hidden_size: Optional[int] = None
     decoder_num_layers: int = 2
     decoder_intermediate_size: Optional[int] = None
     variance_eps: float = 1e-6
@@ -99,7 +105,8 @@ class ETCConfig:
         _check_choice("teacher", self.teacher, _TEACHERS)
         _check_choice("target_source", self.target_source, _TARGET_SOURCES)
         _check_choice("score_context", self.score_context, _SCORE_CONTEXTS)
-        _check_int("decoder_hidden_size", self.decoder_hidden_size, minimum=1)
+        if self.decoder_hidden_size is not None:
+            _check_int("decoder_hidden_size", self.decoder_hidden_size, minimum=1)
         _check_int("decoder_num_layers", self.decoder_num_layers, minimum=0)
         if self.decoder_intermediate_size is not None:
             _check_int("decoder_intermediate_size", self.decoder_intermediate_size, minimum=1)
@@ -115,7 +122,14 @@ class ETCConfig:
     @property
     def intermediate_size(self) -> int:
         """Inner width of the decoder's MLP blocks."""
+        if self.decoder_hidden_size is None:
+            raise ValueError("ETCConfig.decoder_hidden_size is not set yet (apply_etc fills it in from the model)")
         return self.decoder_intermediate_size or 4 * self.decoder_hidden_size
+
+    @staticmethod
+    def default_decoder_hidden_size(hidden_size: int) -> int:
+        """The decoder width `apply_etc` picks for a language model of `hidden_size`."""
+        return min(hidden_size, MAX_DEFAULT_DECODER_HIDDEN_SIZE)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:

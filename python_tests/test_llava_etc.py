@@ -782,3 +782,17 @@ def test_transformers_initialises_every_etc_parameter():
     for name, param in etc.distill.decoder.named_parameters():
         if "norm" in name:  # LayerNorms: transformers' rule, ones and zeros
             assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
+
+
+def test_the_decoder_width_follows_the_model():
+    """By default the decoder is as wide as the language model, at most 1024; an explicit width is kept."""
+    model = apply_etc(tiny_llava(hidden_size=32), ETCConfig(num_compression_tokens=1))
+    assert model.etc.config.decoder_hidden_size == 32
+    assert model.etc.distill.decoder.position_embedding.shape[1] == 32
+    ours = sum(p.numel() for p in model.etc.parameters())
+    assert ours < sum(p.numel() for n, p in model.named_parameters() if not n.startswith("etc."))
+    assert ETCConfig.default_decoder_hidden_size(4096) == 1024 and ETCConfig.default_decoder_hidden_size(768) == 768
+    explicit = apply_etc(tiny_llava(hidden_size=32), ETCConfig(num_compression_tokens=1, decoder_hidden_size=48))
+    assert explicit.etc.config.decoder_hidden_size == 48
+    with pytest.raises(ValueError, match="decoder_hidden_size is not set yet"):
+        ETCConfig().intermediate_size

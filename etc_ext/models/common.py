@@ -182,6 +182,8 @@ def install_etc(model: nn.Module, config: Optional[ETCConfig], etc_class: type) 
             setattr(config, name, value)
         elif getattr(config, name) != value:
             raise ValueError(f"ETCConfig.{name}={getattr(config, name)} does not fit this model ({name}={value})")
+    if config.decoder_hidden_size is None:
+        config.decoder_hidden_size = ETCConfig.default_decoder_hidden_size(text_config.hidden_size)
     _check_num_compression_tokens(config.num_compression_tokens, num_visual_tokens, position_grid, text_config)
     resolve_target_layer(config.target_layer, text_config.num_hidden_layers)  # raises when out of range
 

@@ -452,3 +452,28 @@ def test_forward_follows_the_config_use_cache(backbone):
         assert model(**inputs, use_cache=False).cache is None
         model.config.get_text_config().use_cache = False
         assert model(**inputs).cache is None
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_output_hidden_states_in_the_user_layout(backbone):
+    """With compression enabled, output_hidden_states gives the embeddings and every layer's output in the user's
+    layout (each user token's own state; the compression tokens' are not in it), for a forward call and for
+    generate() (whose prefill is then the masked single pass: same tokens). output_attentions raises clearly."""
+    _, model, inputs = _assisted_pair(backbone)
+    batch, length = inputs["input_ids"].shape
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+        assert len(out.hidden_states) == model.config.get_text_config().num_hidden_layers + 1
+        assert all(states.shape[:2] == (batch, length) for states in out.hidden_states)
+        text = slice(int(model._etc_visual_token_mask(inputs["input_ids"]).nonzero()[:, 1].max()) + 1, length)
+        last, first = out.hidden_states[-1], out.hidden_states[0]
+        torch.testing.assert_close(model.lm_head(last[:, text]), out.logits[:, text], atol=1e-5, rtol=0)
+        torch.testing.assert_close(first[:, text], model.get_input_embeddings()(inputs["input_ids"])[:, text])
+        settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        plain = model.generate(**inputs, **settings)
+        with_states = model.generate(**inputs, output_hidden_states=True, **settings)
+        assert torch.equal(plain.sequences, with_states.sequences)
+        assert with_states.hidden_states[0][-1].shape[:2] == (batch, length)  # the prefill: every prompt token
+        assert all(step[-1].shape[:2] == (batch, 1) for step in with_states.hidden_states[1:])
+        with pytest.raises(NotImplementedError, match="output_attentions is not supported with compression"):
+            model(**inputs, output_attentions=True)

@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import torch
 from transformers.modeling_utils import slice_logits_to_keep
 
-from ..compress import ETCCache, bottleneck_mask, compact_masked_pass, prefill_state, to_attention_mask
+from ..compress import bottleneck_mask, compact_masked_pass, prefill_state, to_attention_mask
 from ..distill import (
     adapter_layers,
     adapters_disabled,
@@ -25,14 +25,18 @@ class ETCTrainingMixin(ETCBackboneHooks):
     """The masked forward with `loss = ce_loss + vid_weight * vid_loss`, the distillation target and the teacher."""
 
     def _etc_masked_forward(
-        self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs, return_cache=False
+        self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs, cache=None
     ):  # fmt: skip
-        """The single pass under the bottleneck mask (training, and the oracle for the prefill).
+        """The single pass under the bottleneck mask (training, the oracle for the prefill, and the prefill when hidden
+        states are asked for).
 
         `kwargs["shift_labels"]` (the user's labels already shifted, as sequence parallelism passes them) go to the
-        loss like `labels`; distillation then reads which tokens are answers from them. With `return_cache` (the
-        model config's `use_cache`, as Hugging Face models follow it), the pass also fills an `ETCCache`, compacted
-        as the masked prefill does (no gradient flows through it): generate() or a forward call can continue it."""
+        loss like `labels`; distillation then reads which tokens are answers from them. With `cache` (an empty
+        `ETCCache`: the model config's `use_cache`, as Hugging Face models follow it, or a prefill), the pass also
+        fills it, compacted as the masked prefill does (no gradient flows through it): generate() or a forward call
+        can continue it. With `kwargs["output_hidden_states"]`, `hidden_states` holds the embeddings and every
+        layer's output in the user's layout `(B, L, H)`: each user token's own state (the compression tokens' states
+        are not in it)."""
         shift_labels = kwargs.get("shift_labels")
         supervised = labels is not None or shift_labels is not None
         if labels is None and shift_labels is not None:  # labels[t] = shift_labels[t - 1]: the answer tokens
@@ -49,7 +53,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
             self.etc.config.target_layer, language_model.config.num_hidden_layers
         )
         final = hidden_index == language_model.config.num_hidden_layers
-        cache = ETCCache(config=self.config) if return_cache else None
+        all_hidden_states = bool(kwargs.get("output_hidden_states"))
         outputs = self._etc_language_model(
             language_model,
             prepared.inputs_embeds,
@@ -57,7 +61,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
             layout.position_ids,
             cache,
             prepared.token_inputs,
-            output_hidden_states=[hidden_index] if distill and not final else None,
+            output_hidden_states=True if all_hidden_states else ([hidden_index] if distill and not final else None),
         )
         hidden_states = outputs.last_hidden_state  # (B, Lx, H)
         if cache is not None:
@@ -88,8 +92,12 @@ class ETCTrainingMixin(ETCBackboneHooks):
                     attention_layer,
                 )
                 loss = ce_loss + self.etc.config.vid_weight * vid_loss
+        user_states = None
+        if all_hidden_states:  # each user token's own state, layer by layer
+            user_states = tuple(states[rows, layout.ext_index] for states in outputs.hidden_states)
         return self.etc_output_class(
-            loss=loss, logits=logits, cache=cache, ce_loss=ce_loss, vid_loss=vid_loss, **prepared.encoder_outputs
+            loss=loss, logits=logits, cache=cache, hidden_states=user_states, ce_loss=ce_loss, vid_loss=vid_loss,
+            **prepared.encoder_outputs,
         )
 
     def _etc_distill_loss(

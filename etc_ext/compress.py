@@ -128,16 +128,19 @@ def find_image_spans(image_token_mask: torch.Tensor, tokens_per_image: Sequence[
     counts = [int(c) for c in tokens_per_image]
     rows, cols = image_token_mask.nonzero(as_tuple=True)  # row-major order
     total, expected = rows.numel(), sum(counts)
+    # transformers' wording first ("Image features and image tokens do not match, tokens: ..., features: ..."), which
+    # users and tools search for, then what to check.
     if total == 0 and counts:
         raise ValueError(
-            f"The prompts contain no image token but {len(counts)} image(s) were given: each image needs its "
-            "placeholder (e.g. '<image>' expanded by the processor) in input_ids."
+            f"Image features and image tokens do not match, tokens: 0, features: {expected}. The prompts contain no "
+            f"image token but {len(counts)} image(s) were given: each image needs its placeholder (e.g. '<image>' "
+            "expanded by the processor) in input_ids."
         )
     if total != expected:
         raise ValueError(
-            f"Image tokens and image features do not match: the prompts contain {total} image tokens, the "
-            f"{len(counts)} image(s) give {expected} features ({counts} per image). Check that the number of "
-            "'<image>' placeholders equals the number of images passed as pixel_values."
+            f"Image features and image tokens do not match, tokens: {total}, features: {expected}. The "
+            f"{len(counts)} image(s) give {counts} features per image. Check that the number of '<image>' "
+            "placeholders equals the number of images passed as pixel_values."
         )
     first = torch.tensor([0] + counts[:-1], dtype=torch.long).cumsum(0).to(rows.device)
     last = first + torch.tensor(counts, dtype=torch.long, device=rows.device) - 1

@@ -608,7 +608,7 @@ def test_bad_models_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="already applied"):
         apply_baseline(model, "fastv", 4)
     inputs = make_batch(CHAT)
-    with pytest.raises(ValueError, match="Image tokens and image features do not match"):
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: "):
         model(**{**inputs, "pixel_values": inputs["pixel_values"][:1]})
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

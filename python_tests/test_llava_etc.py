@@ -594,7 +594,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="no image token"):
         model(**no_image)
     one_image = {**inputs, "pixel_values": inputs["pixel_values"][:1]}  # two '<image>' prompts, one image
-    with pytest.raises(ValueError, match="Image tokens and image features do not match"):
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: "):
         model(**one_image)
     with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
         model(**inputs, labels=labels[:, 1:])

@@ -610,14 +610,14 @@ def test_bad_inputs_raise_clear_errors():
     first = int(inputs["image_grid_thw"][0].prod())
     one_image = {**inputs, "pixel_values": inputs["pixel_values"][:first]}
     one_image["image_grid_thw"] = inputs["image_grid_thw"][:1]
-    with pytest.raises(ValueError, match="Image tokens and image features do not match"):
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: "):
         model(**one_image)
-    with pytest.raises(ValueError, match="Image tokens and image features do not match.*no pixel values"):
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: .*no pixel values"):
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
               mm_token_type_ids=inputs["mm_token_type_ids"])  # fmt: skip
     video_tokens = {"input_ids": inputs["input_ids"].masked_fill(image_tokens, VIDEO),
                     "mm_token_type_ids": inputs["mm_token_type_ids"] * 2}  # fmt: skip
-    with pytest.raises(ValueError, match="Video tokens and video features do not match"):
+    with pytest.raises(ValueError, match="Video features and video tokens do not match, tokens: "):
         model(**video_tokens)
     with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
         model(**inputs, labels=labels[:, 1:])

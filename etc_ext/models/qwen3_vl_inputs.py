@@ -112,17 +112,18 @@ def visual_spans(image_mask, video_mask, image_counts, video_counts) -> tuple[Im
     index of its image / video."""
     for name, mask, counts in (("image", image_mask, image_counts), ("video", video_mask, video_counts)):
         total = int(mask.sum())
+        # transformers' wording first, which users and tools search for, then what was given
+        mismatch = (
+            f"{name.capitalize()} features and {name} tokens do not match, tokens: {total}, features: {sum(counts)}."
+        )
         if total == 0 and counts:
             raise ValueError(
-                f"The prompts contain no {name} token but {len(counts)} {name}(s) were given: each needs its "
-                "placeholder tokens in input_ids."
+                f"{mismatch} The prompts contain no {name} token but {len(counts)} {name}(s) were given: each needs "
+                "its placeholder tokens in input_ids."
             )
         if total != sum(counts):
             given = f"{len(counts)} {name}(s) giving {sum(counts)} features" if counts else "no pixel values"
-            raise ValueError(
-                f"{name.capitalize()} tokens and {name} features do not match: the prompts contain {total} {name} "
-                f"tokens, got {given} ({counts} per {name})."
-            )
+            raise ValueError(f"{mismatch} Got {given} ({counts} per {name}).")
     # Runs of placeholders of one kind, row-major: (row, length, kind).
     kind = image_mask.long() + 2 * video_mask.long()  # (B, L): 0 text, 1 image, 2 video
     previous = torch.nn.functional.pad(kind[:, :-1], (1, 0))

@@ -477,3 +477,23 @@ def test_output_hidden_states_in_the_user_layout(backbone):
         assert all(step[-1].shape[:2] == (batch, 1) for step in with_states.hidden_states[1:])
         with pytest.raises(NotImplementedError, match="output_attentions is not supported with compression"):
             model(**inputs, output_attentions=True)
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_sampling_modes_and_scores_match_the_uncached_oracle(backbone):
+    """Beam search with sampling and plain sampling give, for one seed, the sequences of generate(use_cache=False)
+    (which re-runs the masked single pass over the growing sequence); return_dict_in_generate's scores of the first
+    step are the masked pass's last logits."""
+    _, model, inputs = _assisted_pair(backbone)
+    with torch.no_grad():
+        for settings in (dict(num_beams=3, do_sample=True), dict(do_sample=True, top_k=5)):
+            torch.manual_seed(0)
+            cached = model.generate(**inputs, max_new_tokens=STEPS, **settings)
+            torch.manual_seed(0)
+            uncached = model.generate(**inputs, max_new_tokens=STEPS, use_cache=False, **settings)
+            assert torch.equal(cached, uncached), settings
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True)  # fmt: skip
+        masked = model(**inputs, use_cache=False).logits[:, -1]
+    assert len(out.scores) == STEPS
+    torch.testing.assert_close(out.scores[0], masked, atol=1e-5, rtol=0)

@@ -29,7 +29,6 @@ What differs from LLaVA:
 - LoRA is the default way to fine-tune the LLM (the paper: rank 8): `apply_etc_with_lora(model, config)`.
 """
 
-import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,11 +47,14 @@ from .etc_model import ETCInputs, ETCMixin, etc_output_class
 from .qwen3_vl_inputs import (
     MM_TEXT,
     check_mm_token_type_ids,
+    count_images,
     detached,
     encode_with,
     flatten_features,
     scatter_features,
+    select_images,
     span_grids,
+    user_positions,
     visual_spans,
 )
 
@@ -186,33 +188,10 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         return image_outputs, video_outputs
 
     def _etc_num_images(self, visual_inputs: dict) -> int:
-        if visual_inputs["pixel_values_videos"] is not None or visual_inputs["encoded"].get("video") is not None:
-            raise NotImplementedError(
-                "ETC: adding videos to a cache that holds a compressed prefill is not implemented yet; prefill the "
-                "whole conversation into a new cache instead."
-            )
-        encoded = visual_inputs["encoded"].get("image")
-        if encoded is not None:
-            return len(encoded.pooler_output)
-        grid = visual_inputs["image_grid_thw"]
-        return 0 if grid is None else len(grid)
+        return count_images(visual_inputs)
 
     def _etc_select_images(self, visual_inputs: dict, index: list) -> dict:
-        selected = dict(visual_inputs)
-        grid = visual_inputs["image_grid_thw"]
-        if grid is not None:
-            selected["image_grid_thw"] = grid[index]
-            if visual_inputs["pixel_values"] is not None:
-                patches = visual_inputs["pixel_values"].split(grid.prod(-1).tolist())
-                selected["pixel_values"] = torch.cat([patches[i] for i in index])
-        encoded = visual_inputs["encoded"].get("image")
-        if encoded is not None:
-            encoded = copy.copy(encoded)
-            encoded.pooler_output = [encoded.pooler_output[i] for i in index]
-            if getattr(encoded, "deepstack_features", None):
-                encoded.deepstack_features = [[layer[i] for i in index] for layer in encoded.deepstack_features]
-            selected["encoded"] = dict(visual_inputs["encoded"], image=encoded)
-        return selected
+        return select_images(visual_inputs, index)
 
     def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
         # For text on a compressed cache, positions follow from the cache itself: generate()'s come from the rope
@@ -275,37 +254,10 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
     def _etc_user_positions(
         self, input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, image_counts, video_counts
     ) -> torch.Tensor:
-        """`(3, B, L)` M-RoPE positions of the user's sequence: the given ones (generate() passes `(4, B, L)`, the
-        text row first), else `get_rope_index`."""
-        if position_ids is not None:
-            batch_size, length = input_ids.shape
-            if position_ids.dim() == 2 and position_ids.shape == (batch_size, length):
-                return position_ids[None].expand(3, -1, -1)
-            if position_ids.dim() == 3 and position_ids.shape[0] in (3, 4) and position_ids.shape[1:] == (
-                batch_size, length
-            ):
-                return position_ids[-3:]  # generate()'s (4, B, L) has the text row first
-            raise ValueError(
-                f"position_ids must be ({batch_size}, {length}), (3, {batch_size}, {length}) or (4, {batch_size}, "
-                f"{length}) for input_ids of shape {[batch_size, length]}, got {list(position_ids.shape)}"
-            )
-        missing = [
-            name
-            for name, needed in (("image_grid_thw", image_counts), ("video_grid_thw", video_counts))
-            if needed and pixel_inputs[name] is None
-        ]
-        if missing:
-            raise ValueError(
-                f"ETC on Qwen3-VL needs position_ids or {' and '.join(missing)} to compute the M-RoPE positions"
-            )
-        positions, _ = self.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=pixel_inputs["image_grid_thw"],
-            video_grid_thw=pixel_inputs["video_grid_thw"],
-            attention_mask=attention_mask,
-        )
-        return positions
+        return user_positions(
+            self.model, input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, image_counts,
+            video_counts,
+        )  # fmt: skip
 
     def _etc_token_kwargs(self, deepstack=None, visual_mask=None) -> dict:
         """DeepStack: the features `(B, S, K, H)` of the tokens in `visual_mask` `(B, S)`, as the language model

@@ -1,6 +1,8 @@
 """Qwen3-VL's visual inputs for ETC: the encoder's outputs in placeholder order, ETC's units (an image, or one
-temporal group of a video) and their token grids, and the checks of `mm_token_type_ids`."""
+temporal group of a video) and their token grids, the checks of `mm_token_type_ids`, the M-RoPE positions of the
+user's sequence, and the images of a later turn (`count_images`, `select_images`)."""
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -176,3 +178,72 @@ def span_grids(spans, kinds, sources, image_grid_thw, video_grid_thw, merge, has
             raise ValueError(f"A {kind} run of {count} tokens does not fit the {kind}'s {h} x {w} token grid")
         grids.append((count // (h * w), h, w))
     return torch.tensor(grids, dtype=torch.long, device=spans.row.device).view(-1, 3)
+
+
+def count_images(visual_inputs: dict) -> int:
+    """The images in `visual_inputs` (pre-encoded or as grids); videos added to a compressed cache are refused."""
+    if visual_inputs["pixel_values_videos"] is not None or visual_inputs["encoded"].get("video") is not None:
+        raise NotImplementedError(
+            "ETC: adding videos to a cache that holds a compressed prefill is not implemented yet; prefill the "
+            "whole conversation into a new cache instead."
+        )
+    encoded = visual_inputs["encoded"].get("image")
+    if encoded is not None:
+        return len(encoded.pooler_output)
+    grid = visual_inputs["image_grid_thw"]
+    return 0 if grid is None else len(grid)
+
+
+def select_images(visual_inputs: dict, index: list) -> dict:
+    """`visual_inputs` restricted to the images `index` (their grids, patches and pre-encoded features)."""
+    selected = dict(visual_inputs)
+    grid = visual_inputs["image_grid_thw"]
+    if grid is not None:
+        selected["image_grid_thw"] = grid[index]
+        if visual_inputs["pixel_values"] is not None:
+            patches = visual_inputs["pixel_values"].split(grid.prod(-1).tolist())
+            selected["pixel_values"] = torch.cat([patches[i] for i in index])
+    encoded = visual_inputs["encoded"].get("image")
+    if encoded is not None:
+        encoded = copy.copy(encoded)
+        encoded.pooler_output = [encoded.pooler_output[i] for i in index]
+        if getattr(encoded, "deepstack_features", None):
+            encoded.deepstack_features = [[layer[i] for i in index] for layer in encoded.deepstack_features]
+        selected["encoded"] = dict(visual_inputs["encoded"], image=encoded)
+    return selected
+
+
+def user_positions(
+    model, input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, image_counts, video_counts
+) -> torch.Tensor:
+    """`(3, B, L)` M-RoPE positions of the user's sequence: the given ones (generate() passes `(4, B, L)`, the
+    text row first), else `get_rope_index`."""
+    if position_ids is not None:
+        batch_size, length = input_ids.shape
+        if position_ids.dim() == 2 and position_ids.shape == (batch_size, length):
+            return position_ids[None].expand(3, -1, -1)
+        if position_ids.dim() == 3 and position_ids.shape[0] in (3, 4) and position_ids.shape[1:] == (
+            batch_size, length
+        ):
+            return position_ids[-3:]  # generate()'s (4, B, L) has the text row first
+        raise ValueError(
+            f"position_ids must be ({batch_size}, {length}), (3, {batch_size}, {length}) or (4, {batch_size}, "
+            f"{length}) for input_ids of shape {[batch_size, length]}, got {list(position_ids.shape)}"
+        )
+    missing = [
+        name
+        for name, needed in (("image_grid_thw", image_counts), ("video_grid_thw", video_counts))
+        if needed and pixel_inputs[name] is None
+    ]
+    if missing:
+        raise ValueError(
+            f"ETC on Qwen3-VL needs position_ids or {' and '.join(missing)} to compute the M-RoPE positions"
+        )
+    positions, _ = model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=pixel_inputs["image_grid_thw"],
+        video_grid_thw=pixel_inputs["video_grid_thw"],
+        attention_mask=attention_mask,
+    )
+    return positions

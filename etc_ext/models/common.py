@@ -322,7 +322,11 @@ def instruction_index(
 def check_etc_inputs(input_ids, inputs_embeds, labels, kwargs: dict) -> None:
     """Checks shared by the integrations' compressed forward."""
     if input_ids is None or inputs_embeds is not None:
-        raise ValueError("ETC needs input_ids (not inputs_embeds) to find the images and insert its tokens")
+        raise ValueError(
+            "ETC needs input_ids (not inputs_embeds): it finds each image's placeholders and inserts its compression "
+            "tokens by token id. Pass input_ids (to generate() too); to run the model on embeddings of your own, "
+            "disable ETC (model.etc.enabled = False)"
+        )
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
     shift_labels = kwargs.get("shift_labels")

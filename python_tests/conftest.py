@@ -12,6 +12,39 @@ DEVICES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------- tiny models
+# A tiny random LLaVA (real transformers classes) shared by the ETC, cache and baseline tests; each test file picks its
+# sizes. The text sizes draw no random numbers (max_position_embeddings), so the weights depend on the seed and the
+# layer counts only.
+IMAGE_TOKEN_ID = 99
+PAD_TOKEN_ID = 0
+
+
+def tiny_llava(*, attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2, vocab_size=100,
+               image_token_id=IMAGE_TOKEN_ID, image_size=16, patch=4, strategy="default",
+               max_position_embeddings=256):  # fmt: skip
+    """A `LlavaForConditionalGeneration` with random weights (`seed`), in eval mode, generating fixed lengths."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+        pad_token_id=PAD_TOKEN_ID,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, vision_feature_select_strategy=strategy
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    return model.eval()
+
+
 def assert_refused_alike(functions, call, error, message: str) -> None:
     """Each of `functions` (an op's wrapper, `torch.ops.etc_ext.<op>` and its fake) refuses `call(function)` with
     `error` and a message holding `message`: the checks are written once in C++ (csrc/checks.h) and mirrored by the

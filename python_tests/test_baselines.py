@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from conftest import tiny_llava as shared_tiny_llava
+from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -46,22 +47,11 @@ def _one_thread():
 
 
 def tiny_llava(num_layers=3, image_size=IMAGE_SIZE, patch=PATCH, seed=0, strategy="default"):
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=patch,
+    """conftest's tiny LLaVA with this file's defaults (3 layers)."""
+    return shared_tiny_llava(
+        num_layers=num_layers, image_size=image_size, patch=patch, seed=seed, strategy=strategy,
+        image_token_id=IMAGE, max_position_embeddings=512,
     )  # fmt: skip
-    text = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=PAD,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_select_strategy=strategy
-    )
-    model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation("sdpa")
-    model.generation_config.eos_token_id = None  # fixed-length generations
-    return model.eval()
 
 
 def make_batch(rows, image_tokens=N, padding_side="left", seed=1, image_size=IMAGE_SIZE):

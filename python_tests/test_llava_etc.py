@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from conftest import tiny_llava as shared_tiny_llava
+from transformers import LlavaForConditionalGeneration
 
 import etc_ext  # noqa: F401  (loads the ops)
 from etc_ext.compress import (
@@ -38,20 +39,11 @@ N = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
 
 
 def tiny_llava(attn_implementation="sdpa", seed=0, hidden_size=32, num_layers=2, vocab_size=100, image_token_id=IMAGE):
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH,
+    """conftest's tiny LLaVA with this file's sizes (16 x 16 images, 4 x 4 patches)."""
+    return shared_tiny_llava(
+        attn_implementation=attn_implementation, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+        vocab_size=vocab_size, image_token_id=image_token_id, image_size=IMAGE_SIZE, patch=PATCH,
     )  # fmt: skip
-    text = LlamaConfig(
-        hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=PAD,
-    )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
-    model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.eos_token_id = None  # fixed-length generations
-    return model.eval()
 
 
 def small_config(**changes):

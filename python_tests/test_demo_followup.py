@@ -196,3 +196,88 @@ def test_wilson_interval():
     low, high = wilson_interval(600, 1000)
     assert high - low == pytest.approx(0.0604, abs=2e-3)  # about +-3 points at 60 % over 1000 questions
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ training data
+def test_disjoint_training_conversations(tmp_path):
+    from etc_ext.demo.data import generate_training_data
+
+    path = generate_training_data(tmp_path, ((40, 1, 2),), name="mix", question_types=recipe.QUESTION_TYPES,
+                                  grouping="disjoint")  # fmt: skip
+    with open(path) as f:
+        samples = json.load(f)
+    assert any(len(s["question_types"]) > 1 and s["question_types"][0] != "color" for s in samples)
+    assert all(len(s["question_types"]) <= 3 for s in samples)
+    for s in samples:
+        texts = [t["value"] for t in s["conversations"]]
+        answers = texts[1::2]
+        colors = [{c for c in ("red", "green", "blue", "yellow", "purple", "orange")
+                   if c in q.replace("?", " ").split() or c == a} for q, a in zip(texts[::2], answers)]  # fmt: skip
+        for i in range(len(colors)):
+            for j in range(i + 1, len(colors)):
+                assert not colors[i] & colors[j], texts
+    cells = generate_training_data(tmp_path / "cells", ((40, 1, 2),), name="mix", question_types=recipe.QUESTION_TYPES)
+    with open(cells) as f:
+        grouped_by_cell = json.load(f)
+    assert all(len(s["question_types"]) == 1 or set(s["question_types"]) == {"color"} for s in grouped_by_cell)
+    with pytest.raises(ValueError, match="grouping"):
+        generate_training_data(tmp_path, ((2, 1, 1),), grouping="turns")
+
+
+# ------------------------------------------------------------------------------------------------ vision pretraining
+def test_patch_targets_follow_the_cells():
+    from etc_ext.demo.vision_pretrain import COLOR_CLASSES, SHAPE_CLASSES, patch_targets
+
+    scene = Scene(3, 168, (ShapeObject(0, 2, "cross", "orange", (0.0, 0.0), 1.0),
+                           ShapeObject(2, 0, "square", "red", (0.0, 0.0), 1.0)))  # fmt: skip
+    color, shape = patch_targets(scene, 12)
+    color, shape = color.reshape(12, 12), shape.reshape(12, 12)
+    assert (color[:4, 8:] == COLOR_CLASSES.index("orange")).all() and (shape[:4, 8:] == SHAPE_CLASSES.index("cross")).all()
+    assert (color[8:, :4] == COLOR_CLASSES.index("red")).all() and (shape[8:, :4] == SHAPE_CLASSES.index("square")).all()
+    assert int((color > 0).sum()) == 32 and int((shape > 0).sum()) == 32  # two cells of 4 x 4 patches
+    # 7 patches per side over a 3x3 grid: the middle patch row belongs to the middle cell
+    color, _ = patch_targets(Scene(3, 168, (ShapeObject(1, 1, "circle", "blue", (0.0, 0.0), 1.0),)), 7)
+    assert color.reshape(7, 7)[3, 3] == COLOR_CLASSES.index("blue") and color.reshape(7, 7)[0, 0] == 0
+
+
+def test_vision_pretraining_learns_the_maps_and_only_touches_the_tower():
+    from etc_ext.demo.vision_pretrain import SceneBatches, pretrain_vision_tower
+
+    model, processor = recipe.build_initial_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = SceneBatches(processor.image_processor, 12, "val", seed=3)
+    assert all(scene_split(batches.scene()) == "val" for _ in range(20))
+    logs = []
+    result = pretrain_vision_tower(model, processor.image_processor, steps=30, batch_size=8, log_every=10,
+                                   log=logs.append)  # fmt: skip
+    assert [r["step"] for r in result["history"]] == [10, 20, 30] and len(logs) == 4
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    # empty cells are most patches: after 30 steps the maps beat the all-"none" guess on objects' patches at least
+    assert result["val"]["color"] > 0.5 and 0.0 <= result["val"]["color_on_objects"] <= 1.0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed), sorted(changed)[:5]
+
+
+def test_reproduce_pretrains_the_vision_tower_when_the_recipe_says_so(tmp_path, monkeypatch):
+    from etc_ext.demo.reproduce import main as reproduce_main
+
+    monkeypatch.setattr(recipe, "VISION_PRETRAINING", {"steps": 3, "batch_size": 4})
+    monkeypatch.setattr(recipe, "GROUPING", "disjoint")
+    work = tmp_path / "work"
+    argv = ["--work", str(work), "--runs", "full-base", "--max-steps", "1", "--data-scale", "0.0005",
+            "--num-val-images", "2", "--no-progress"]  # fmt: skip
+    assert reproduce_main(argv) == 0
+    with open(work / "init-vision" / "vision_pretrain.json") as f:
+        info = json.load(f)
+    assert info["settings"]["steps"] == 1 and len(info["history"]) == 1  # --max-steps caps this stage too
+    with open(work / "runs" / "full-base" / "train_args.json") as f:
+        assert json.load(f)["model"] == str(work / "init-vision")
+    from safetensors.torch import load_file
+
+    init = load_file(str(work / "init" / "model.safetensors"))
+    pretrained = load_file(str(work / "init-vision" / "model.safetensors"))
+    changed = {k for k in init if not torch.equal(init[k], pretrained[k])}
+    assert changed and all(".vision_tower." in k or k.startswith("vision_tower") for k in changed)
+    with open(work / "data" / "params.json") as f:
+        assert json.load(f)["curriculum"]["grouping"] == "disjoint"

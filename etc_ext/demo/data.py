@@ -70,6 +70,26 @@ def leak_free_groups(questions: list[Question]) -> list[list[Question]]:
     return ([by_cell] if by_cell else []) + groups
 
 
+def disjoint_groups(rng: random.Random, scene, questions: list[Question], max_turns: int = 3) -> list[list[Question]]:
+    """Splits one image's questions into conversations of up to `max_turns` questions of any types, none sharing a
+    color or a cell with another of its conversation (`question_mentions`), so that no answer gives a later question
+    away: each question (in random order) joins the first conversation it fits, or starts one."""
+    order = list(questions)
+    rng.shuffle(order)
+    groups: list[tuple[list[Question], set, set]] = []
+    for question in order:
+        colors, cells = question_mentions(scene, _candidate_of(scene, question))
+        for turns, used_colors, used_cells in groups:
+            if len(turns) < max_turns and not (colors & used_colors or cells & used_cells):
+                turns.append(question)
+                used_colors |= colors
+                used_cells |= cells
+                break
+        else:
+            groups.append(([question], set(colors), set(cells)))
+    return [turns for turns, _, _ in groups]
+
+
 def generate_training_data(
     out_dir: str | os.PathLike,
     blocks: tuple[tuple[int, int, int], ...],
@@ -82,6 +102,7 @@ def generate_training_data(
     every_object: bool = True,
     answer_prompt: str | None = None,
     articles: bool = True,
+    grouping: str = "cells",
 ) -> str:
     """Writes training samples to `<out_dir>/<name>.json` (images under `<out_dir>/images/<name>/`): per image, its
     questions (`scene_questions`) split into conversations by `leak_free_groups`.
@@ -94,12 +115,18 @@ def generate_training_data(
         grid_sizes, image_size, question_types, answer_prompt: as in `generate_shapes_dataset`.
         every_object: ask the color and the shape of every object (see `scene_questions`).
         articles: "an orange" (True) or "a orange" (`etc_ext.data.shapes.render_question`).
+        grouping: how an image's questions become conversations: "cells" (`leak_free_groups`: the cell questions
+            share one, every other question is alone; what the first checkpoints were trained on) or "disjoint"
+            (`disjoint_groups`: conversations of any types whose questions share no color or cell, as the demo's
+            follow-up test asks them).
 
     Returns:
         The json path.
     """
     if not blocks:
         raise ValueError("blocks must not be empty")
+    if grouping not in ("cells", "disjoint"):
+        raise ValueError(f"grouping must be 'cells' or 'disjoint', got {grouping!r}")
     for num_images, low, high in blocks:
         if num_images < 1 or low < 1 or high < low:
             raise ValueError(f"a block is (num_images >= 1, 1 <= min_objects <= max_objects), got {blocks}")
@@ -122,7 +149,8 @@ def generate_training_data(
                 continue
             image_path = f"images/{name}/{image_count:06d}.png"
             draw_scene(scene).save(os.path.join(out_dir, image_path))
-            for group, turns in enumerate(leak_free_groups(questions)):
+            groups = leak_free_groups(questions) if grouping == "cells" else disjoint_groups(rng, scene, questions)
+            for group, turns in enumerate(groups):
                 conversations = []
                 for turn, question in enumerate(turns):
                     text = question.text if not answer_prompt else f"{question.text}\n{answer_prompt}"
@@ -245,7 +273,8 @@ def generate_eval_conversations(
     params = {"seed": seed, "split": split, "num_images": num_images, "grid_sizes": list(grid_sizes),
               "image_size": image_size, "question_types": list(question_types),
               "questions_per_image": questions_per_image, "min_objects": min_objects, "max_objects": max_objects,
-              "answer_prompt": answer_prompt, "articles": articles, "generator": "generate_eval_conversations"}  # fmt: skip
+              "answer_prompt": answer_prompt, "articles": articles,
+              "generator": "generate_eval_conversations"}  # fmt: skip
     with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as f:
         json.dump({"params": params, "scenes": scenes}, f)
     with open(os.path.join(out_dir, f"{split}_conversations.json"), "w") as f:

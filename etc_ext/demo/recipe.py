@@ -8,8 +8,9 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
   how many objects of a color, whether there is one), no answer prompt (the questions already ask for one word).
   Validation samples are made by `generate_shapes_dataset` (two single-turn questions per image); the demo's test
   split by `etc_ext.demo.data.generate_eval_conversations` (two questions per image whose colors and cells differ,
-  asked alone and as one conversation: the follow-up test). Training samples (`etc_ext.demo.data`) split each image's questions into conversations that give
-  nothing away (about four samples per image); they come from the train split's scenes only. Splits are disjoint by scene:
+  asked alone and as one conversation: the follow-up test). Training samples (`etc_ext.demo.data`) split each
+  image's questions into conversations that give nothing away (about four samples per image); they come from the
+  train split's scenes only. Splits are disjoint by scene:
   model choices read the validation split, the test split is only reported.
   Why this small a task: it is what a tiny model trained from scratch for minutes on two CPU cores learns. Measured
   while building the demo, on the validation split: with all five `QUESTION_TYPES` and 2 to 6 objects, after 1600
@@ -65,6 +66,14 @@ TEST_QUESTIONS_PER_IMAGE = 2
 # Measured on the shipped models (56 validation questions that name orange, both ways): full model 94.6 % either way,
 # ETC M=1 VID 85.7 % with "a orange", 83.9 % with "an orange".
 ARTICLES = False
+# How a training image's questions become conversations (`etc_ext.demo.data.generate_training_data`): "cells" (the
+# shipped checkpoints: only color questions ever follow another question) or "disjoint" (conversations of any types
+# whose questions share no color or cell, as the demo's follow-up test asks them).
+GROUPING = "cells"
+# Supervised pretraining of the vision tower on per-cell color and shape maps before the VLM stage
+# (`etc_ext.demo.vision_pretrain.pretrain_vision_tower` arguments), or None (the shipped checkpoints: the tower trains
+# from random weights inside the VLM).
+VISION_PRETRAINING = None
 
 MODEL_SEED = 0
 INITIALIZER_RANGE = 0.05  # language model and projector: 0.02 * sqrt(768 / 128) (see the module docstring)
@@ -235,6 +244,7 @@ def training_data_kwargs(name: str) -> dict:
         "every_object": True,
         "answer_prompt": ANSWER_PROMPT,
         "articles": ARTICLES,
+        "grouping": GROUPING,
     }
 
 

@@ -13,7 +13,9 @@ checkpoint):
 1. generate the data under `WORK/data`: the training sets of `recipe.TRAINING_DATA` (`etc_ext.demo.data`: the
    full model's curriculum, its second stage's set and the fine-tunes' set, train-split scenes only) and the `val` split
    (`generate_shapes_dataset`); the `test` split is never touched here;
-2. write the tiny LLaVA with random weights to `WORK/init` (`recipe.build_initial_model`);
+2. write the tiny LLaVA with random weights to `WORK/init` (`recipe.build_initial_model`); with
+   `recipe.VISION_PRETRAINING` set, pretrain its vision tower on per-cell color and shape maps
+   (`etc_ext.demo.vision_pretrain`) into `WORK/init-vision`, which the runs starting from "init" then start from;
 3. train the runs of `recipe.RUNS` in order, each from the model its `start` names (`etc_ext.train.train(
    TrainingArguments(...))`) into `WORK/runs/<name>/`: `full-base` from random weights, `full-base-2` from it, then
    the shipped full model and each ETC variant from `full-base-2`, trained alike;
@@ -82,7 +84,38 @@ def atomic_json(path: str, data) -> None:
 
 def start_dir(work: str, run: recipe.Run) -> str:
     """The model folder a run starts from."""
-    return os.path.join(work, "init") if run.start == "init" else final_dir(work, run.start)
+    if run.start != "init":
+        return final_dir(work, run.start)
+    return os.path.join(work, "init-vision" if recipe.VISION_PRETRAINING else "init")
+
+
+def pretrain_vision(work: str, steps: int | None = None) -> dict | None:
+    """`recipe.VISION_PRETRAINING` (None: nothing to do) on `WORK/init` into `WORK/init-vision` (skipped when its
+    `vision_pretrain.json` exists). Returns what `pretrain_vision_tower` measured."""
+    if not recipe.VISION_PRETRAINING:
+        return None
+    out = os.path.join(work, "init-vision")
+    done = os.path.join(out, "vision_pretrain.json")
+    if not os.path.isfile(done):
+        import torch
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        from .vision_pretrain import pretrain_vision_tower
+
+        init = os.path.join(work, "init")
+        model = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(init)
+        options = dict(recipe.VISION_PRETRAINING)
+        if steps is not None:
+            options["steps"] = steps
+        result = pretrain_vision_tower(model, processor.image_processor, seed=recipe.MODEL_SEED,
+                                       grid_sizes=recipe.GRID_SIZES, min_objects=recipe.MIN_OBJECTS,
+                                       max_objects=recipe.MAX_OBJECTS, log=logger.info, **options)  # fmt: skip
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        atomic_json(done, {"settings": options, **result})
+    with open(done) as f:
+        return json.load(f)
 
 
 def training_arguments(run: recipe.Run, work: str, max_steps: int | None = None, progress: bool = True):
@@ -185,6 +218,9 @@ def pack(work: str, dest: str, runs, summaries: dict, validation: dict, settings
             "model_seed": recipe.MODEL_SEED,
             "initializer_range": recipe.INITIALIZER_RANGE,
             "sizes": vars(recipe.SIZES).copy(),
+            "articles": recipe.ARTICLES,
+            "grouping": recipe.GROUPING,
+            "vision_pretraining": recipe.VISION_PRETRAINING,
         },
         "stages": {name: {"training_summary": summaries.get(name), "val": validation.get(name)}
                    for name in summaries if not recipe.run_by_name(name).shipped},  # fmt: skip
@@ -227,6 +263,7 @@ def reproduce(
         model, processor = recipe.build_initial_model()
         model.save_pretrained(init_dir)
         processor.save_pretrained(init_dir)
+    vision = pretrain_vision(work, max_steps)
 
     summaries, validation = {}, {}
     for run in selected:
@@ -237,8 +274,12 @@ def reproduce(
               f"{validation[run.name]['accuracy']:.3f}", flush=True)  # fmt: skip
     settings = {"max_steps": max_steps, "data_scale": data_scale, "num_val_images": num_val_images,
                 "argv": argv or []}  # fmt: skip
+    if vision is not None:
+        settings["vision_pretraining"] = {"val": vision["val"], "train_time_s": vision["train_time_s"],
+                                          "settings": vision["settings"]}  # fmt: skip
     if dest is None:
-        return {"runs": {name: {"training_summary": summaries[name], "val": validation[name]} for name in summaries}}
+        return {"runs": {name: {"training_summary": summaries[name], "val": validation[name]} for name in summaries},
+                "vision_pretraining": settings.get("vision_pretraining")}  # fmt: skip
     if {r.name for r in selected} != {r.name for r in recipe.RUNS}:
         raise ValueError("packing needs every run of the recipe (omit --runs)")
     return pack(work, dest, selected, summaries, validation, settings)

@@ -96,7 +96,8 @@ def generate_test_data(out_dir: str, num_images: int) -> str:
         with open(params_path) as f:
             params = json.load(f)["params"]
         wanted = json.loads(json.dumps({**kwargs, "num_images": num_images}))
-        if params.get("generator") == "generate_eval_conversations" and all(params.get(k) == v for k, v in wanted.items()):
+        same = all(params.get(k) == v for k, v in wanted.items())
+        if same and params.get("generator") == "generate_eval_conversations":
             return json_path
     return generate_eval_conversations(out_dir, num_images, **kwargs)
 
@@ -455,11 +456,12 @@ def run_demo(
 
     print_fn(f"\nETC demo: tiny LLaVA (CLIP + Llama, {recipe.SIZES.text_layers} LLM layers of width "
              f"{recipe.SIZES.text_hidden_size}), shapes VQA, {len(records)} held-out test questions about "
-             f"{len(records) - num_followups} images, batch {batch_size}, {torch.get_num_threads()} CPU thread(s)\n")  # fmt: skip
+             f"{len({r.get('conversation', r['image']) for r in records})} images, batch {batch_size}, "
+             f"{torch.get_num_threads()} CPU thread(s)\n")  # fmt: skip
     print_fn(_format_table(results))
     print_fn(f"\nsingle: each question alone, with its 95 % Wilson interval (a constant answer per question type "
-             f"scores {_pct(report['answer_prior'])}); follow-up: the {num_followups} questions asked after another one "
-             "in the same conversation, from the cache of the first (question-aware compressors keep the tokens "
+             f"scores {_pct(report['answer_prior'])}); follow-up: the {num_followups} questions asked after another "
+             "one in the same conversation, from the cache of the first (question-aware compressors keep the tokens "
              "they chose for it); alone: those same questions asked alone. tokens kept: visual KV entries per image "
              "after the prefill (measured); KV cache: fp32 bytes per sample after the prefill, all layers; prefill "
              "ms: per batch, image encoding included.")  # fmt: skip

@@ -1,0 +1,231 @@
+"""Supervised pretraining of the demo's CLIP vision tower on generated scenes: per-cell color and shape maps.
+
+Why. Trained from random weights inside the VLM, the tower learns what the language model's loss asks for, slowly:
+the first demo's full model never learned where an object is, nor to count (`etc_ext.demo.recipe`). A cheap
+supervised objective teaches the tower the scene first: every patch predicts the color and the shape of the object in
+its grid cell (or "none") from the features LLaVA reads (`vision_feature_layer`, the second to last layer), through
+one linear head per attribute. Each patch then carries what its cell holds, and the 2-D position embeddings carry
+where the cell is; the VLM stage (and ETC's compression tokens) only has to read them.
+
+Data: scenes drawn on the fly (`etc_ext.data.shapes.sample_scene`, train split only by `scene_split`), preprocessed by
+the model's own image processor; nothing is written to disk. Deterministic given the seed.
+
+```
+python -m etc_ext.demo.vision_pretrain --model runs/demo/init --out runs/demo/init-vision --steps 1500 --threads 1
+```
+
+writes the whole model (the VLM with the pretrained tower; the language model and projector as they were) with its
+processor to `--out`, and `vision_pretrain.json` (the settings, the loss curve, the per-cell accuracy on validation
+scenes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+from torch import nn
+
+from ..data.shapes import COLORS, SHAPES, draw_scene, sample_scene, scene_split
+
+COLOR_CLASSES = ("none", *COLORS)  # index 0: an empty cell
+SHAPE_CLASSES = ("none", *SHAPES)
+
+
+def patch_targets(scene, patches_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(color, shape)` class indices `(patches_per_side ** 2,)` of every patch, row-major: the object of the grid
+    cell that holds the patch's center (`COLOR_CLASSES` / `SHAPE_CLASSES`, 0 for an empty cell)."""
+    color = torch.zeros(scene.grid_size, scene.grid_size, dtype=torch.long)
+    shape = torch.zeros(scene.grid_size, scene.grid_size, dtype=torch.long)
+    for obj in scene.objects:
+        color[obj.row, obj.col] = COLOR_CLASSES.index(obj.color)
+        shape[obj.row, obj.col] = SHAPE_CLASSES.index(obj.shape)
+    centers = (torch.arange(patches_per_side) + 0.5) / patches_per_side  # patch centers in [0, 1]
+    cell = (centers * scene.grid_size).long().clamp(max=scene.grid_size - 1)
+    rows, cols = cell[:, None].expand(-1, patches_per_side), cell[None, :].expand(patches_per_side, -1)
+    return color[rows, cols].reshape(-1), shape[rows, cols].reshape(-1)
+
+
+class SceneBatches:
+    """Batches of `(pixel_values, color, shape)` from scenes of one split drawn on the fly.
+
+    Args:
+        image_processor: the model's image processor (CLIP preprocessing of the drawn PIL images).
+        patches_per_side: image size // patch size of the tower.
+        split: the `scene_split` every scene must belong to.
+        seed: seed of the draws (each split its own stream).
+        grid_sizes, min_objects, max_objects, image_size: as `sample_scene`.
+    """
+
+    def __init__(self, image_processor, patches_per_side: int, split: str = "train", seed: int = 0,
+                 grid_sizes=(3,), min_objects: int = 1, max_objects: int = 2, image_size: int = 168):  # fmt: skip
+        digest = hashlib.sha256(f"etc-ext-demo-vision/{seed}/{split}".encode()).digest()
+        self.rng = random.Random(int.from_bytes(digest[:8], "little"))
+        self.image_processor = image_processor
+        self.patches_per_side = patches_per_side
+        self.split = split
+        self.grid_sizes = tuple(grid_sizes)
+        self.min_objects, self.max_objects, self.image_size = min_objects, max_objects, image_size
+
+    def scene(self):
+        while True:
+            scene = sample_scene(self.rng, self.rng.choice(self.grid_sizes), self.image_size, self.min_objects,
+                                 self.max_objects)  # fmt: skip
+            if scene_split(scene) == self.split:
+                return scene
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scenes = [self.scene() for _ in range(size)]
+        pixels = self.image_processor(images=[draw_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
+        targets = [patch_targets(s, self.patches_per_side) for s in scenes]
+        return pixels, torch.stack([c for c, _ in targets]), torch.stack([s for _, s in targets])
+
+
+class CellHeads(nn.Module):
+    """Linear color and shape classifiers on every patch feature `(B, P, D)` -> `(B, P, classes)` each."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
+        self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.color(features), self.shape(features)
+
+
+def patch_features(vision_tower, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """`(B, P, D)` patch features of the layer LLaVA reads (`hidden_states[feature_layer]`, CLS dropped)."""
+    out = vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+    return out.hidden_states[feature_layer][:, 1:]
+
+
+@torch.no_grad()
+def map_accuracy(vision_tower, heads: CellHeads, batches: SceneBatches, feature_layer: int, num_images: int = 256,
+                 batch_size: int = 64) -> dict:  # fmt: skip
+    """Per-patch accuracy of the color and shape maps on `num_images` scenes of `batches` (object patches and all
+    patches)."""
+    was_training = vision_tower.training
+    vision_tower.eval()
+    totals = {"color": 0, "shape": 0, "color_objects": 0, "shape_objects": 0, "patches": 0, "object_patches": 0}
+    for start in range(0, num_images, batch_size):
+        pixels, color, shape = batches.batch(min(batch_size, num_images - start))
+        color_logits, shape_logits = heads(patch_features(vision_tower, pixels, feature_layer))
+        objects = color > 0
+        for name, logits, target in (("color", color_logits, color), ("shape", shape_logits, shape)):
+            hit = logits.argmax(-1) == target
+            totals[name] += int(hit.sum())
+            totals[f"{name}_objects"] += int(hit[objects].sum())
+        totals["patches"] += color.numel()
+        totals["object_patches"] += int(objects.sum())
+    vision_tower.train(was_training)
+    return {
+        "color": totals["color"] / totals["patches"],
+        "shape": totals["shape"] / totals["patches"],
+        "color_on_objects": totals["color_objects"] / max(totals["object_patches"], 1),
+        "shape_on_objects": totals["shape_objects"] / max(totals["object_patches"], 1),
+    }
+
+
+def pretrain_vision_tower(
+    model,
+    image_processor,
+    *,
+    steps: int = 1500,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    warmup_steps: int = 50,
+    seed: int = 0,
+    grid_sizes=(3,),
+    min_objects: int = 1,
+    max_objects: int = 2,
+    log_every: int = 50,
+    log=print,
+) -> dict:
+    """Trains `model`'s vision tower (a `LlavaForConditionalGeneration`) in place on the per-cell maps (see the module
+    docstring): AdamW, linear warmup then cosine decay to 0. Returns `{"history": [...], "val": map_accuracy}`."""
+    config = model.config
+    vision_tower = model.model.vision_tower
+    feature_layer = config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"vision_feature_layer must be one layer index, got {feature_layer!r}")
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    train = SceneBatches(image_processor, patches, "train", seed, grid_sizes, min_objects, max_objects,
+                         config.vision_config.image_size)  # fmt: skip
+    val = SceneBatches(image_processor, patches, "val", seed, grid_sizes, min_objects, max_objects,
+                       config.vision_config.image_size)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = CellHeads(config.vision_config.hidden_size)
+    parameters = [p for p in vision_tower.parameters()] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return learning_rate * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(steps - warmup_steps, 1)
+        return learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+    vision_tower.train()
+    history, start = [], time.perf_counter()
+    running = None
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        pixels, color, shape = train.batch(batch_size)
+        color_logits, shape_logits = heads(patch_features(vision_tower, pixels, feature_layer))
+        loss = nn.functional.cross_entropy(color_logits.flatten(0, 1), color.flatten()) + nn.functional.cross_entropy(
+            shape_logits.flatten(0, 1), shape.flatten()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            record = {"step": step + 1, "loss": running, "lr": lr_at(step), "elapsed_s": time.perf_counter() - start}
+            history.append(record)
+            log(json.dumps(record))
+    vision_tower.eval()
+    accuracy = map_accuracy(vision_tower, heads, val, feature_layer)
+    log(json.dumps({"val": accuracy}))
+    return {"history": history, "val": accuracy, "train_time_s": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m etc_ext.demo.vision_pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="save_pretrained folder of the tiny LLaVA and its processor")
+    parser.add_argument("--out", required=True, help="where the model with the pretrained tower goes")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-objects", type=int, default=1)
+    parser.add_argument("--max-objects", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(args.model)
+    result = pretrain_vision_tower(model, processor.image_processor, steps=args.steps, batch_size=args.batch_size,
+                                   learning_rate=args.lr, seed=args.seed, min_objects=args.min_objects,
+                                   max_objects=args.max_objects)  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    with open(os.path.join(args.out, "vision_pretrain.json"), "w") as f:
+        json.dump({"settings": vars(args), **result}, f, indent=1)
+    print(f"val per-patch accuracy: {result['val']}; model written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -458,7 +458,8 @@ def test_forward_follows_the_config_use_cache(backbone):
 def test_output_hidden_states_in_the_user_layout(backbone):
     """With compression enabled, output_hidden_states gives the embeddings and every layer's output in the user's
     layout (each user token's own state; the compression tokens' are not in it), for a forward call and for
-    generate() (whose prefill is then the masked single pass: same tokens). output_attentions raises clearly."""
+    generate() (whose prefill is then the masked single pass: same tokens). output_attentions with SDPA raises, as
+    transformers needs eager attention for it."""
     _, model, inputs = _assisted_pair(backbone)
     batch, length = inputs["input_ids"].shape
     with torch.no_grad():
@@ -475,8 +476,35 @@ def test_output_hidden_states_in_the_user_layout(backbone):
         assert torch.equal(plain.sequences, with_states.sequences)
         assert with_states.hidden_states[0][-1].shape[:2] == (batch, length)  # the prefill: every prompt token
         assert all(step[-1].shape[:2] == (batch, 1) for step in with_states.hidden_states[1:])
-        with pytest.raises(NotImplementedError, match="output_attentions is not supported with compression"):
+        with pytest.raises(ValueError, match="output_attentions needs eager attention"):
             model(**inputs, output_attentions=True)
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_output_attentions_over_the_extended_sequence(backbone):
+    """With eager attention, output_attentions gives every layer's probabilities over the extended sequence (the
+    user's tokens with each image's M compression tokens after it): rows are distributions, and the bottleneck shows:
+    the text after an image gives its visual tokens zero attention and the compression tokens some; generate()
+    returns them for the prefill and gives the tokens of the default path."""
+    _, model, inputs = _assisted_pair(backbone)
+    model.set_attn_implementation("eager")
+    batch, length = inputs["input_ids"].shape
+    m = model.etc.config.num_compression_tokens
+    visual = model._etc_visual_token_mask(inputs["input_ids"])[0]
+    first, last = int(visual.nonzero().min()), int(visual.nonzero().max())
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, use_cache=False)
+        assert len(out.attentions) == model.config.get_text_config().num_hidden_layers
+        for probs in out.attentions:
+            assert probs.shape[0] == batch and probs.shape[2:] == (length + m, length + m)  # one image per row
+            text = probs[0, :, last + 1 + m :]  # the text after the image (extended positions)
+            torch.testing.assert_close(text.sum(-1), torch.ones_like(text.sum(-1)), atol=1e-5, rtol=0)
+            assert float(text[..., first : last + 1].abs().max()) == 0.0  # the visual tokens: never
+            assert float(text[..., last + 1 : last + 1 + m].sum()) > 0  # the compression tokens: yes
+        settings = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        with_attentions = model.generate(**inputs, output_attentions=True, **settings)
+        assert torch.equal(with_attentions.sequences, model.generate(**inputs, **settings).sequences)
+        assert with_attentions.attentions[0][0].shape[2:] == (length + m, length + m)
 
 
 @pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])

@@ -334,11 +334,6 @@ def check_etc_inputs(input_ids, inputs_embeds, labels, kwargs: dict) -> None:
         raise ValueError(
             f"shift_labels must have the shape of input_ids {list(input_ids.shape)}, got {list(shift_labels.shape)}"
         )
-    if kwargs.get("output_attentions"):
-        raise NotImplementedError(
-            "ETC: output_attentions is not supported with compression enabled (the attention runs over the sequence "
-            "with the compression tokens; output_hidden_states is supported)"
-        )
 
 
 def _cpu_state_dict(tensors: dict) -> dict:

@@ -7,7 +7,7 @@ which dispatches:
 - compression disabled, or a text-only prompt: the original forward.
 - a cache holding a compressed prefill: decoding, with the user's attention mask and positions mapped onto it.
 - an empty cache or `use_cache=True` (generate()'s prefill): the segmented (or masked) prefill into an `ETCCache`
-  (with `output_hidden_states`, the masked single pass, which also fills the cache).
+  (with `output_hidden_states` or `output_attentions`, the masked single pass, which also fills the cache).
 - otherwise: the masked single pass (training), `loss = ce_loss + vid_weight * vid_loss` with labels; unless
   `use_cache=False` is passed (or the text config's `use_cache` is off), it also returns the compacted `ETCCache`,
   as Hugging Face models return their cache.
@@ -131,12 +131,12 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         if prefill and cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
         prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs)
-        if prefill and not kwargs.get("output_hidden_states"):
+        if prefill and not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
             method = etc_prefill_method or self.etc.prefill_method
             return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
         if prefill or self._etc_default_use_cache(use_cache):
-            # a fresh ETCCache (generate() passes an empty DynamicCache); with output_hidden_states the prefill is the
-            # masked single pass, the one pass that has every token's states
+            # a fresh ETCCache (generate() passes an empty DynamicCache); with output_hidden_states/attentions the
+            # prefill is the masked single pass, the one pass that has every token's states
             cache = ETCCache(config=self.config)
         else:
             cache = None

@@ -36,7 +36,10 @@ class ETCTrainingMixin(ETCBackboneHooks):
         fills it, compacted as the masked prefill does (no gradient flows through it): generate() or a forward call
         can continue it. With `kwargs["output_hidden_states"]`, `hidden_states` holds the embeddings and every
         layer's output in the user's layout `(B, L, H)`: each user token's own state (the compression tokens' states
-        are not in it)."""
+        are not in it). With `kwargs["output_attentions"]` (eager attention, as transformers requires), `attentions`
+        holds every layer's probabilities over the extended sequence `(B, heads, Lx, Lx)`: the user's tokens with
+        each image's M compression tokens right after it (`Lx = L + M * images`), padding where the row has fewer
+        images; the text attends to the compression tokens, never to the visual tokens."""
         shift_labels = kwargs.get("shift_labels")
         supervised = labels is not None or shift_labels is not None
         if labels is None and shift_labels is not None:  # labels[t] = shift_labels[t - 1]: the answer tokens
@@ -54,6 +57,12 @@ class ETCTrainingMixin(ETCBackboneHooks):
         )
         final = hidden_index == language_model.config.num_hidden_layers
         all_hidden_states = bool(kwargs.get("output_hidden_states"))
+        attentions = bool(kwargs.get("output_attentions"))
+        if attentions and language_model.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions needs eager attention (model.set_attn_implementation('eager')), as in transformers; "
+                f"this model uses {language_model.config._attn_implementation!r}"
+            )
         outputs = self._etc_language_model(
             language_model,
             prepared.inputs_embeds,
@@ -62,6 +71,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
             cache,
             prepared.token_inputs,
             output_hidden_states=True if all_hidden_states else ([hidden_index] if distill and not final else None),
+            output_attentions=attentions or None,
         )
         hidden_states = outputs.last_hidden_state  # (B, Lx, H)
         if cache is not None:
@@ -96,9 +106,10 @@ class ETCTrainingMixin(ETCBackboneHooks):
         if all_hidden_states:  # each user token's own state, layer by layer
             user_states = tuple(states[rows, layout.ext_index] for states in outputs.hidden_states)
         return self.etc_output_class(
-            loss=loss, logits=logits, cache=cache, hidden_states=user_states, ce_loss=ce_loss, vid_loss=vid_loss,
+            loss=loss, logits=logits, cache=cache, hidden_states=user_states,
+            attentions=outputs.attentions if attentions else None, ce_loss=ce_loss, vid_loss=vid_loss,
             **prepared.encoder_outputs,
-        )
+        )  # fmt: skip
 
     def _etc_distill_loss(
         self, prepared: ETCInputs, input_ids, attention_mask, labels, student_states, hidden_index, attention_layer

@@ -525,3 +525,27 @@ def test_sampling_modes_and_scores_match_the_uncached_oracle(backbone):
         masked = model(**inputs, use_cache=False).logits[:, -1]
     assert len(out.scores) == STEPS
     torch.testing.assert_close(out.scores[0], masked, atol=1e-5, rtol=0)
+
+
+def test_generate_with_a_compiled_language_model():
+    """torch.compile on the language model (the way to compile an ETC model: its dispatch is data-dependent Python):
+    the same tokens as eager, and a second generate() of the same prompt compiles nothing new."""
+    import torch._dynamo
+
+    model = llava_model()
+    inputs, _ = llava_helpers.make_batch([[2, "I", 5]])
+    settings = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        eager = model.generate(**inputs, **settings)
+        language_model = model.model.language_model
+        torch._dynamo.reset()
+        language_model.forward = torch.compile(language_model.forward, dynamic=True)
+        try:
+            compiled = model.generate(**inputs, **settings)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            again = model.generate(**inputs, **settings)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation
+        finally:
+            del language_model.forward  # back to the class's forward
+            torch._dynamo.reset()
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)

@@ -182,8 +182,10 @@ def demo_command(subparsers) -> None:
         description=(
             "Evaluate the shipped tiny LLaVA (full tokens), its ETC variants (M = 1, 4, 16 with VID; M = 1 with "
             "MSE and with no reconstruction) and the training-free compressors at K = 1, 4, 16 on held-out shapes "
-            "VQA questions. Prints one table (accuracy, visual tokens kept, KV-cache bytes after the prefill, prefill "
-            "time), writes a plot and optionally json. No download; the checkpoints ship with the package "
+            "VQA questions, each alone and as a follow-up question in one conversation (the image compressed once, "
+            "the cache continued). Prints one table (single-question accuracy with its 95 % interval, follow-up "
+            "accuracy, visual tokens kept, KV-cache bytes after the prefill, prefill time) and which of the targets "
+            "it met, writes a plot and optionally json. No download; the checkpoints ship with the package "
             "(python -m etc_ext.demo.reproduce retrains them)."
         ),
     )

@@ -8,7 +8,7 @@ the cache already holds. `ETCCacheState.covered_length` counts what it covers; t
 import torch
 from transformers.utils.deprecation import deprecate_kwarg
 
-__all__ = ["CompressedCacheGenerationMixin", "new_token_count"]
+__all__ = ["CompressedCacheGenerationMixin", "new_token_count", "new_tokens"]
 
 
 def new_token_count(input_ids: torch.Tensor, attention_mask, covered: int) -> int:
@@ -28,6 +28,17 @@ def new_token_count(input_ids: torch.Tensor, attention_mask, covered: int) -> in
             "conversation."
         )
     return new
+
+
+def new_tokens(cache, input_ids: torch.Tensor, attention_mask, position_ids):
+    """The columns of `input_ids` (and `position_ids`) that a compressed `cache` does not hold yet: `(input_ids,
+    position_ids, covered, new)` with `covered` the tokens the cache holds and `new` the columns kept (see
+    `new_token_count`)."""
+    covered = cache.etc_state.covered_length(cache.get_seq_length())
+    new = new_token_count(input_ids, attention_mask, covered)
+    if position_ids is not None:
+        position_ids = position_ids[..., -new:]
+    return input_ids[:, -new:], position_ids, covered, new
 
 
 class CompressedCacheGenerationMixin:

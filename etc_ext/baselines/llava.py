@@ -14,7 +14,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from ..compress import ETCCache, default_position_ids, find_image_spans
-from ..continuation import CompressedCacheGenerationMixin, new_token_count
+from ..continuation import CompressedCacheGenerationMixin, new_tokens
 from ..models.llava import num_visual_tokens as llava_num_visual_tokens
 from .config import BaselineConfig, VisualGeometry
 from .registry import LanguageInputs, method_class
@@ -185,10 +185,7 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
             if input_ids is None:
                 raise ValueError("baseline decoding needs input_ids")
             cache_length = cache.get_seq_length()
-            new = new_token_count(input_ids, attention_mask, state.covered_length(cache_length))
-            input_ids = input_ids[:, -new:]
-            if position_ids is not None:
-                position_ids = position_ids[..., -new:]
+            input_ids, position_ids, _, new = new_tokens(cache, input_ids, attention_mask, position_ids)
             if has_images and bool((input_ids == self.config.image_token_id).any()):  # (a generated id is text)
                 raise NotImplementedError(
                     "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "

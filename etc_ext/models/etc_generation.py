@@ -5,7 +5,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..compress import ETCCache, etc_prefill
-from ..continuation import CompressedCacheGenerationMixin, new_token_count
+from ..continuation import CompressedCacheGenerationMixin, new_tokens
 from .etc_hooks import ETCBackboneHooks, ETCInputs
 
 __all__ = ["ETCGenerationMixin"]
@@ -76,12 +76,8 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
             raise ValueError("ETC: continuing a compressed cache needs input_ids (not inputs_embeds)")
         state = cache.etc_state
         cache_length = cache.get_seq_length()
-        covered = state.covered_length(cache_length)
-        new = new_token_count(input_ids, attention_mask, covered)
+        input_ids, position_ids, covered, new = new_tokens(cache, input_ids, attention_mask, position_ids)
         total = covered + new
-        input_ids = input_ids[:, -new:]
-        if position_ids is not None:
-            position_ids = position_ids[..., -new:]
         visual_token_mask = self._etc_visual_token_mask(input_ids)
         decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
         mask, positions = decode_inputs["attention_mask"], decode_inputs["position_ids"]

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..compress import ETCCacheState, ImageSpans, default_position_ids, right_aligned_index
+from ..models.common import instruction_index
 from .config import QUERY_MODES
 
 __all__ = [
@@ -34,17 +35,16 @@ def query_index(
     text tokens after the image. With `labels`, answer tokens (labels != -100) are never queries.
     """
     length = image_token_mask.shape[1]
-    rows = spans.row
-    real = torch.ones(len(spans), length, dtype=torch.bool, device=rows.device)
-    if attention_mask is not None:
-        real = real & attention_mask.bool()[rows]
-    if labels is not None:
-        real = real & (labels[rows] == -100)
     if mode == "last":
+        rows = spans.row
+        real = torch.ones(len(spans), length, dtype=torch.bool, device=rows.device)
+        if attention_mask is not None:
+            real = real & attention_mask.bool()[rows]
+        if labels is not None:
+            real = real & (labels[rows] == -100)
         return right_aligned_index(real)[:, -1:]
-    if mode == "instruction":
-        after = torch.arange(length, device=rows.device)[None] >= spans.end[:, None]  # (I, L)
-        return right_aligned_index(after & real & ~image_token_mask[rows])
+    if mode == "instruction":  # ETC's instruction tokens
+        return instruction_index(spans, image_token_mask, attention_mask, labels, length)
     raise ValueError(f"query must be one of {list(QUERY_MODES)}, got {mode!r}")
 
 

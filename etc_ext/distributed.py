@@ -82,13 +82,20 @@ class DistributedContext:
         return holder[0]
 
 
+def check_device(device: str, name: str = "device") -> None:
+    """`device` ("auto", "cpu" or "cuda") can run here: ValueError naming `name` otherwise."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{name} must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{name} cuda was asked for but torch.cuda.is_available() is False: use {name} cpu or auto"
+        )
+
+
 def check_hardware_arguments(device: str, attn_implementation: str) -> None:
     """A command's `--device` and `--attn-implementation` can run here: ValueError naming the option otherwise (before
     anything is loaded)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False: use --device cpu or auto")
+    check_device(device, "--device")
     if attn_implementation == "flash_attention_2":
         from transformers.utils import is_flash_attn_2_available
 
@@ -119,13 +126,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     Returns:
         The `DistributedContext`. Call `destroy_distributed` at the end.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_device(device)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(

@@ -64,6 +64,15 @@ def pytest_report_header(config):
     )
 
 
+@pytest.fixture
+def few_threads():
+    """At most 2 intra-op threads for the test (the demo's tiny models on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

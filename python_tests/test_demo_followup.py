@@ -14,12 +14,7 @@ from etc_ext.demo.data import generate_eval_conversations, question_mentions
 from etc_ext.demo.run import answer_prior, wilson_interval
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("few_threads")  # conftest: at most 2 threads
 
 
 def _scene(objects):

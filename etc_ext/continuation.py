@@ -45,7 +45,9 @@ class CompressedCacheGenerationMixin:
     """generate() support for a model whose caches may be compressed (a cache with an `etc_state`)."""
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, **kwargs
+    ):  # fmt: skip
         """generate() feeds the tokens its cache does not hold, counting them as `input_ids` minus the cache's
         length; a compressed cache holds fewer entries than the tokens it covers, so count with what it covers.
 
@@ -55,7 +57,10 @@ class CompressedCacheGenerationMixin:
         state = getattr(cache, "etc_state", None)
         if state is not None and next_sequence_length is not None:
             covered = state.covered_length(cache.get_seq_length())
-            next_sequence_length = input_ids.shape[1] - covered
+            length = input_ids.shape[1]
+            if inputs_embeds is not None:  # generate() started from embeddings: input_ids hold the new tokens only
+                length += inputs_embeds.shape[1]
+            next_sequence_length = length - covered
             if next_sequence_length < 1:  # input_ids[:, -0:] would feed the whole prompt again
                 raise ValueError(
                     f"the cache already holds all {covered} tokens of input_ids: generate() needs at least one token "
@@ -64,5 +69,5 @@ class CompressedCacheGenerationMixin:
         if cache is None or cache.get_seq_length() == 0:
             kwargs["is_first_iteration"] = True
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, inputs_embeds=inputs_embeds, **kwargs
         )

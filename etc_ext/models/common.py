@@ -319,13 +319,13 @@ def instruction_index(
     return right_aligned_index(select)
 
 
-def check_etc_inputs(input_ids, inputs_embeds, labels, kwargs: dict) -> None:
-    """Checks shared by the integrations' compressed forward."""
-    if input_ids is None or inputs_embeds is not None:
+def check_etc_inputs(input_ids, labels, kwargs: dict) -> None:
+    """Checks shared by the integrations' compressed forward (`input_ids`: the user's, or the placeholder ids made
+    from their inputs_embeds)."""
+    if input_ids is None:
         raise ValueError(
-            "ETC needs input_ids (not inputs_embeds): it finds each image's placeholders and inserts its compression "
-            "tokens by token id. Pass input_ids (to generate() too); to run the model on embeddings of your own, "
-            "disable ETC (model.etc.enabled = False)"
+            "ETC needs input_ids or inputs_embeds: it finds each image's placeholders in them and inserts its "
+            "compression tokens after them"
         )
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")

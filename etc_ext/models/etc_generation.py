@@ -62,7 +62,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
 
     def _etc_continue(
         self, original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask, position_ids,
-        cache, has_visual_inputs, etc_prefill_method,
+        cache, has_visual_inputs, etc_prefill_method, inputs_embeds=None,
     ):  # fmt: skip
         """New tokens on a cache that holds a compressed prefill: decoding, the question after a reused image cache,
         or a later turn of a conversation (with or without new images).
@@ -84,7 +84,11 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         generated = new == 1 and not has_visual_inputs  # one decoding step: an image token id here is generated text
         if generated or not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
             base_kwargs.update({name: None for name in visual_kwargs}, mm_encoder_outputs=None)
-            base_kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+            base_kwargs.update(attention_mask=mask, position_ids=positions)
+            if inputs_embeds is None:
+                base_kwargs.update(input_ids=input_ids)
+            else:
+                base_kwargs.update(inputs_embeds=inputs_embeds)
             return original_forward(**base_kwargs)
         if not has_visual_inputs:
             raise ValueError("ETC: the new tokens contain image tokens but no pixel values were given")
@@ -92,7 +96,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         # New images: compress them against the cache (segmented prefill of the new tokens).
         past_images = state.position_offset // self.etc.config.num_compression_tokens  # (B,)
         visual_inputs = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
-        prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs)
+        prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs, inputs_embeds)
         return self._etc_prefill(
             prepared,
             total,

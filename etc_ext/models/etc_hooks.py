@@ -9,7 +9,11 @@ from torch import nn
 
 from ..compress import ETCLayout, ImageSpans
 
-__all__ = ["ETCInputs", "ETCBackboneHooks"]
+__all__ = ["ETCInputs", "ETCBackboneHooks", "NO_TOKEN", "placeholder_input_ids", "user_embeddings"]
+
+# The id `placeholder_input_ids` gives the positions of user embeddings that are no placeholder: no token of the
+# vocabulary, so that re-embedding them fails loudly instead of silently replacing the user's embeddings.
+NO_TOKEN = -1
 
 
 @dataclass
@@ -27,6 +31,8 @@ class ETCInputs:
         encoder_outputs: the vision encoder's outputs as the model's output dataclass names them
             (`image_outputs`, ...).
         teacher_inputs: what the backbone's teacher pass reuses (e.g. the projector's input), backbone-specific.
+        user_embeds: `(B, L, H)` the user's `inputs_embeds` when they were given instead of input_ids (the teacher
+            pass embeds the text with them too), else None.
     """
 
     layout: ETCLayout
@@ -37,10 +43,29 @@ class ETCInputs:
     grids: Optional[torch.Tensor] = None
     encoder_outputs: dict = field(default_factory=dict, repr=False)
     teacher_inputs: dict = field(default_factory=dict, repr=False)
+    user_embeds: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def spans(self) -> ImageSpans:
         return self.layout.spans
+
+
+def placeholder_input_ids(inputs_embeds: torch.Tensor, embedding: nn.Module, token_ids: tuple) -> torch.Tensor:
+    """The token structure of user embeddings `(B, L, H)`: `(B, L)` ids holding each of `token_ids` (the visual
+    placeholders) where the embedding equals that token's embedding (as transformers' `get_placeholder_mask` finds
+    placeholders in inputs_embeds), `NO_TOKEN` elsewhere."""
+    ids = torch.full(inputs_embeds.shape[:2], NO_TOKEN, dtype=torch.long, device=inputs_embeds.device)
+    for token_id in token_ids:
+        token_embedding = embedding(torch.tensor(token_id, device=embedding.weight.device))  # (H,)
+        matches = (inputs_embeds == token_embedding.to(inputs_embeds.device, inputs_embeds.dtype)).all(-1)  # (B, L)
+        ids = ids.masked_fill(matches, token_id)
+    return ids
+
+
+def user_embeddings(embedding: nn.Module, input_ids: torch.Tensor, user_embeds=None) -> torch.Tensor:
+    """`(B, L, H)` embeddings of the user's sequence: the user's own (`inputs_embeds`) when given, else
+    `embedding(input_ids)`."""
+    return embedding(input_ids) if user_embeds is None else user_embeds
 
 
 class ETCBackboneHooks:
@@ -60,6 +85,10 @@ class ETCBackboneHooks:
         """bool `(B, L)`: the visual placeholders in `input_ids`."""
         raise NotImplementedError
 
+    def _etc_placeholder_token_ids(self) -> tuple:
+        """The token ids of the visual placeholders (found by their embeddings when the user gives inputs_embeds)."""
+        raise NotImplementedError
+
     def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
         """Whether the call brings images (pixels or generate()'s encoder outputs)."""
         raise NotImplementedError
@@ -67,8 +96,12 @@ class ETCBackboneHooks:
     def _etc_check_visual_inputs(self, visual_inputs: dict) -> None:
         """Raise for image arguments that cannot go together (e.g. pixels and their encoder outputs)."""
 
-    def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCInputs:
-        """Encode the images and build the extended inputs (`ETCInputs`)."""
+    def _etc_prepare(
+        self, input_ids, attention_mask, position_ids, visual_inputs: dict, user_embeds=None
+    ) -> ETCInputs:  # fmt: skip
+        """Encode the images and build the extended inputs (`ETCInputs`); `user_embeds` `(B, L, H)`: the user's
+        inputs_embeds (then `input_ids` are `placeholder_input_ids`), used for the text instead of embedding
+        `input_ids`."""
         raise NotImplementedError
 
     def _etc_num_images(self, visual_inputs: dict) -> int:
@@ -92,7 +125,8 @@ class ETCBackboneHooks:
         raise NotImplementedError
 
     def _etc_teacher_inputs(self, prepared: ETCInputs, input_ids, modules: dict) -> tuple[torch.Tensor, dict]:
-        """The teacher pass's `(B, L, H)` input embeddings of the user's sequence and its token inputs."""
+        """The teacher pass's `(B, L, H)` input embeddings of the user's sequence (the text's from
+        `prepared.user_embeds` when the user gave embeddings) and its token inputs."""
         raise NotImplementedError
 
     def _etc_decoder_grids(self, prepared: ETCInputs) -> Optional[torch.Tensor]:

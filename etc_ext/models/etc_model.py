@@ -34,7 +34,7 @@ from ..distill import DistillHead, VIDDecoder
 from . import common
 from .common import ETCModules, check_etc_inputs
 from .etc_generation import ETCGenerationMixin
-from .etc_hooks import ETCInputs
+from .etc_hooks import ETCInputs, placeholder_input_ids
 from .etc_training import ETCTrainingMixin
 
 __all__ = ["ETCInputs", "ETCMixin", "etc_output_class"]
@@ -102,23 +102,27 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             return original_forward(**base_kwargs)
 
         has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
+        if inputs_embeds is not None:  # the user's embeddings: find the placeholders in them, as transformers does
+            input_ids = self._etc_placeholder_ids(input_ids, inputs_embeds)
         if getattr(cache, "etc_state", None) is not None:  # a cache holding a compressed prefill: continue it
             if labels is not None:
                 raise ValueError("ETC: labels go with the training forward (no cache)")
             return self._etc_continue(
                 original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask,
-                position_ids, cache, has_visual_inputs, etc_prefill_method,
+                position_ids, cache, has_visual_inputs, etc_prefill_method, inputs_embeds,
             )  # fmt: skip
         visual_token_mask = None if input_ids is None else self._etc_visual_token_mask(input_ids)
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())
         if not has_visual_inputs and not has_visual_tokens:
             return original_forward(**base_kwargs)  # nothing to compress: text only
+        if inputs_embeds is not None and not has_visual_tokens:
+            raise self._etc_no_placeholder_error()
         if not has_visual_inputs and cache is not None and cache.get_seq_length() > 0:
             # Decoding a text-only prompt (a plain, uncompressed cache): an image token id here was generated as
             # text, and the original model treats it as text too.
             return original_forward(**base_kwargs)
 
-        check_etc_inputs(input_ids, inputs_embeds, labels, kwargs)
+        check_etc_inputs(input_ids, labels, kwargs)
         self._etc_check_visual_inputs(visual_inputs)
         prefill = cache is not None or bool(use_cache)
         if prefill and (labels is not None or kwargs.get("shift_labels") is not None):
@@ -130,7 +134,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             self._etc_check_cache(cache)
         if prefill and cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
-        prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs)
+        prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs, inputs_embeds)
         if prefill and not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
             method = etc_prefill_method or self.etc.prefill_method
             return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
@@ -141,6 +145,27 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         else:
             cache = None
         return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs, cache)
+
+    def _etc_placeholder_ids(self, input_ids, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` ids standing for the user's `inputs_embeds` `(B, L, H)` in ETC's bookkeeping: the visual
+        placeholders' token ids where the embeddings are theirs, `NO_TOKEN` at the text (whose embeddings are the
+        user's: they are never re-embedded)."""
+        if input_ids is not None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")  # transformers' wording
+        hidden_size = self.get_input_embeddings().embedding_dim
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch_size, sequence_length, {hidden_size}), got {list(inputs_embeds.shape)}"
+            )
+        return placeholder_input_ids(inputs_embeds, self.get_input_embeddings(), self._etc_placeholder_token_ids())
+
+    def _etc_no_placeholder_error(self) -> ValueError:
+        ids = ", ".join(str(i) for i in self._etc_placeholder_token_ids())
+        return ValueError(
+            "ETC: images were given but no position of inputs_embeds holds the embedding of an image placeholder "
+            f"token (id {ids}): ETC finds each image's tokens in inputs_embeds as transformers does, at the positions "
+            "equal to model.get_input_embeddings()(image_token_id); keep that embedding there (or pass input_ids)"
+        )
 
     def _etc_default_use_cache(self, use_cache) -> bool:
         """Whether the masked forward returns a cache: `use_cache`, else the text config's (as Hugging Face's

@@ -28,6 +28,7 @@ from ..compress import default_position_ids, find_image_spans, insert_compressio
 from ..config import ETCConfig
 from . import common
 from .common import unwrap_peft
+from .etc_hooks import user_embeddings
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 
 __all__ = [
@@ -60,6 +61,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         pixel_values: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
         vision_feature_layer=None,
         vision_feature_select_strategy: Optional[str] = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -69,7 +71,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         **kwargs: Unpack[TransformersKwargs],
     ) -> ETCLlavaCausalLMOutputWithPast:
         r"""
-        Like `LlavaForConditionalGeneration.forward` (`kwargs`: cache, inputs_embeds, labels, use_cache, ...), with
+        Like `LlavaForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ...), with
         ETC when `self.etc.enabled`:
 
         - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression
@@ -94,7 +96,8 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         encoded_images = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
         return self._etc_forward(
             dict(visual_kwargs, encoded_images=encoded_images), visual_kwargs, input_ids, attention_mask,
-            position_ids, logits_to_keep, mm_encoder_outputs, etc_prefill_method, **kwargs,
+            position_ids, logits_to_keep, mm_encoder_outputs, etc_prefill_method, inputs_embeds=inputs_embeds,
+            **kwargs,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- adapter
@@ -107,6 +110,9 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
 
     def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.config.image_token_id
+
+    def _etc_placeholder_token_ids(self) -> tuple:
+        return (self.config.image_token_id,)
 
     def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
         return visual_inputs["pixel_values"] is not None or visual_inputs["encoded_images"] is not None
@@ -133,8 +139,9 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
                 selected["image_sizes"] = visual_inputs["image_sizes"][index]
         return selected
 
-    def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCInputs:
-        """Image features (from pixel_values, or as generate() encoded them), the extended layout and embeddings."""
+    def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict, user_embeds=None) -> ETCInputs:
+        """Image features (from pixel_values, or as generate() encoded them), the extended layout and embeddings
+        (the text's from `user_embeds` when the user gave inputs_embeds)."""
         projector_input = None
         image_outputs = visual_inputs.get("encoded_images")
         if image_outputs is None:
@@ -150,7 +157,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         image_token_mask = self._etc_visual_token_mask(input_ids)
         features = image_outputs.pooler_output  # list of (N_i, H)
         spans = find_image_spans(image_token_mask, [f.shape[0] for f in features])
-        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, H)
+        inputs_embeds = user_embeddings(self.get_input_embeddings(), input_ids, user_embeds)  # (B, L, H)
         image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)  # (I * N, H)
         inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
         layout = insert_compression_tokens(
@@ -166,6 +173,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
             position_ids=position_ids,
             encoder_outputs={"image_outputs": image_outputs},
             teacher_inputs={"image_features": image_features, "projector_input": projector_input},
+            user_embeds=user_embeds,
         )
 
     def _etc_teacher_modules(self, peft_layers=None) -> dict:
@@ -180,7 +188,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
             if projector_input is None:
                 raise ValueError("ETC: the frozen teacher needs pixel_values (not pre-encoded image features)")
             features = projector(projector_input).flatten(0, -2)
-        inputs_embeds = modules["language_model"].get_input_embeddings()(input_ids)
+        inputs_embeds = user_embeddings(modules["language_model"].get_input_embeddings(), input_ids, prepared.user_embeds)
         inputs_embeds = inputs_embeds.masked_scatter(
             prepared.visual_token_mask[..., None], features.to(inputs_embeds.dtype)
         )

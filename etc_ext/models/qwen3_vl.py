@@ -43,6 +43,7 @@ from ..compress import VISUAL, insert_compression_tokens
 from ..config import ETCConfig
 from . import common
 from .common import LORA_TARGET_MODULES, ETCModules, unwrap_peft
+from .etc_hooks import user_embeddings
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 from .qwen3_vl_inputs import (
     MM_TEXT,
@@ -107,6 +108,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         pixel_values_videos: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.LongTensor] = None,
@@ -118,7 +120,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         **kwargs: Unpack[TransformersKwargs],
     ) -> ETCQwen3VLCausalLMOutputWithPast:
         r"""
-        Like `Qwen3VLForConditionalGeneration.forward` (`kwargs`: cache, inputs_embeds, labels, use_cache, ...),
+        Like `Qwen3VLForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ...),
         with ETC when `self.etc.enabled`:
 
         - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression
@@ -148,8 +150,18 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}  # generate()'s
         return self._etc_forward(
             dict(visual_kwargs, encoded=encoded), visual_kwargs, input_ids, attention_mask, position_ids,
-            logits_to_keep, mm_encoder_outputs, etc_prefill_method, **kwargs,
+            logits_to_keep, mm_encoder_outputs, etc_prefill_method, inputs_embeds=inputs_embeds,
+            **kwargs,
         )  # fmt: skip
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """generate()'s M-RoPE positions of the prompt. From inputs_embeds Qwen3-VL's generate() gives text positions
+        (its `get_rope_index` takes ids, for their shape only); ETC's prefill of an image prompt needs the M-RoPE
+        ones: compute them from the placeholder ids of the embeddings."""
+        etc = getattr(self, "etc", None)
+        if etc is not None and etc.enabled and inputs_tensor.dim() == 3 and inputs_tensor.is_floating_point():
+            inputs_tensor = self._etc_placeholder_ids(None, inputs_tensor)  # (B, L)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     # ---------------------------------------------------------------------------------------------- adapter
     @classmethod
@@ -162,6 +174,9 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
 
     def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+
+    def _etc_placeholder_token_ids(self) -> tuple:
+        return self.config.image_token_id, self.config.video_token_id
 
     def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
         pixels = visual_inputs["pixel_values"], visual_inputs["pixel_values_videos"]
@@ -200,8 +215,11 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
             position_ids = None
         return super()._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
 
-    def _etc_prepare(self, input_ids, attention_mask, position_ids, visual_inputs: dict) -> ETCQwen3VLInputs:
-        """Vision features, the images' spans, M-RoPE positions, the extended layout, embeddings and DeepStack."""
+    def _etc_prepare(
+        self, input_ids, attention_mask, position_ids, visual_inputs: dict, user_embeds=None
+    ) -> ETCQwen3VLInputs:  # fmt: skip
+        """Vision features, the images' spans, M-RoPE positions, the extended layout, embeddings (the text's from
+        `user_embeds` when the user gave inputs_embeds) and DeepStack."""
         mm_token_type_ids, encoded = visual_inputs["mm_token_type_ids"], visual_inputs["encoded"]
         if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[1]:
             mm_token_type_ids = mm_token_type_ids[..., -input_ids.shape[1] :]  # the whole conversation's
@@ -227,8 +245,8 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         position_ids = self._etc_user_positions(
             input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_inputs, image_counts, video_counts
         )
-        user_embeds, user_deepstack = scatter_features(
-            self.get_input_embeddings(), input_ids, image_mask, video_mask, features
+        embeds, user_deepstack = scatter_features(
+            user_embeddings(self.get_input_embeddings(), input_ids, user_embeds), image_mask, video_mask, features
         )
         layout = insert_compression_tokens(
             spans, input_ids.shape[1], self.etc.config.num_compression_tokens, attention_mask, position_ids
@@ -241,7 +259,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
             }
         return ETCQwen3VLInputs(
             layout=layout,
-            inputs_embeds=layout.embed(user_embeds, self.etc.compression_tokens()),
+            inputs_embeds=layout.embed(embeds, self.etc.compression_tokens()),
             visual_token_mask=visual_token_mask,
             position_ids=position_ids,
             token_inputs=token_inputs,
@@ -249,6 +267,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
             encoder_outputs={"image_outputs": image_outputs, "video_outputs": video_outputs},
             teacher_inputs={"features": features, "pixel_inputs": pixel_inputs},
             mm_token_type_ids=layout.extend(mm_token_type_ids, MM_TEXT),
+            user_embeds=user_embeds,
         )
 
     def _etc_user_positions(
@@ -288,9 +307,8 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
             features = encode_with(modules["visual"], prepared.teacher_inputs["pixel_inputs"], features)
         image_mask = input_ids == self.config.image_token_id
         video_mask = input_ids == self.config.video_token_id
-        inputs_embeds, deepstack = scatter_features(
-            modules["language_model"].get_input_embeddings(), input_ids, image_mask, video_mask, detached(features)
-        )
+        text_embeds = user_embeddings(modules["language_model"].get_input_embeddings(), input_ids, prepared.user_embeds)
+        inputs_embeds, deepstack = scatter_features(text_embeds, image_mask, video_mask, detached(features))
         return inputs_embeds, {"deepstack": deepstack, "visual_mask": prepared.visual_token_mask}
 
     def _etc_decoder_grids(self, prepared: "ETCQwen3VLInputs"):

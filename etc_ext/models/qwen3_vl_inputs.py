@@ -88,10 +88,9 @@ def encode_with(visual: nn.Module, pixel_inputs: dict, features: VisualFeatures)
     return flatten_features(outputs["image"], outputs["video"])
 
 
-def scatter_features(embedding, input_ids, image_mask, video_mask, features: VisualFeatures):
-    """The user's embeddings `(B, L, H)` with the visual features at the placeholders, and the DeepStack features
-    `(B, L, K, H)` (zeros elsewhere; None without DeepStack)."""
-    inputs_embeds = embedding(input_ids)  # (B, L, H)
+def scatter_features(inputs_embeds, image_mask, video_mask, features: VisualFeatures):
+    """The user's embeddings `inputs_embeds` `(B, L, H)` with the visual features at the placeholders, and the
+    DeepStack features `(B, L, K, H)` (zeros elsewhere; None without DeepStack)."""
     deepstack = None
     for mask, values, stacked in (
         (image_mask, features.image, features.image_deepstack),
@@ -102,7 +101,7 @@ def scatter_features(embedding, input_ids, image_mask, video_mask, features: Vis
         inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], values.to(inputs_embeds.dtype))
         if stacked is not None:
             if deepstack is None:
-                deepstack = inputs_embeds.new_zeros(*input_ids.shape, stacked.shape[1], inputs_embeds.shape[-1])
+                deepstack = inputs_embeds.new_zeros(*inputs_embeds.shape[:2], stacked.shape[1], inputs_embeds.shape[-1])
             deepstack = deepstack.masked_scatter(mask[..., None, None], stacked.to(inputs_embeds.dtype))
     return inputs_embeds, deepstack
 

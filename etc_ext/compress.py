@@ -22,6 +22,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from .cache import ETCCache, ETCCacheState, compact_dynamic_cache  # noqa: F401 (ETCCache* re-exported)
+from .dispatch import dispatch, host_side
 
 __all__ = [
     "TEXT",
@@ -56,10 +57,10 @@ TEXT, VISUAL, COMPRESSION = 0, 1, 2
 # would silently drop it; flex_attention needs a BlockMask.
 SUPPORTED_MASK_ATTENTION = ("sdpa", "eager")
 
-# (inputs_embeds [B, S, H], attention_mask [B, C+S] or [B, 1, S, C+S], position_ids [B, S] or [K, B, S], cache,
-#  **token_inputs [B, S, ...]) -> last_hidden_state [B, S, H]
+# (*, inputs_embeds [B, S, H], attention_mask [B, C+S] or [B, 1, S, C+S], position_ids [B, S] or [K, B, S], cache,
+#  **token_inputs [B, S, ...]) -> last_hidden_state [B, S, H], all passed by keyword.
 # token_inputs are the per-token extras the prefill drivers were given (e.g. Qwen3-VL's DeepStack features), gathered
-# for the tokens of each pass; a driver given none calls with the four positional arguments only.
+# for the tokens of each pass.
 RunLanguageModel = Callable[..., torch.Tensor]
 
 
@@ -110,6 +111,7 @@ class ImageSpans:
         return self.row.numel()
 
 
+@host_side
 def find_image_spans(image_token_mask: torch.Tensor, tokens_per_image: Sequence[int]) -> ImageSpans:
     """Split the image placeholder tokens into images.
 
@@ -220,6 +222,7 @@ class ETCLayout:
         out[rows, self.compression_index] = compression_embeds.to(out.dtype)[None].expand(len(self.spans), -1, -1)
         return out
 
+    @host_side
     def next_token_index(self) -> torch.Tensor:
         """`(B, L)` extended index of the token whose output predicts the user token after each user token: the
         token itself, except the last visual token of an image, whose successor is predicted by the image's last
@@ -247,6 +250,7 @@ class ETCLayout:
         return positions.masked_fill(~self.attention_mask, -1).amax(-1) + 1
 
 
+@host_side
 def insert_compression_tokens(
     spans: ImageSpans,
     length: int,
@@ -335,6 +339,7 @@ def insert_compression_tokens(
 
 
 # ============================================================================ bottleneck mask
+@host_side
 def bottleneck_mask(layout: ETCLayout) -> torch.Tensor:
     """Boolean attention mask `(B, 1, Lx, Lx)`, True = may attend.
 
@@ -366,6 +371,7 @@ def check_mask_attention_implementation(attn_implementation: Optional[str]) -> N
         )
 
 
+@host_side
 def to_attention_mask(mask: torch.Tensor, attn_implementation: Optional[str], dtype: torch.dtype) -> torch.Tensor:
     """The boolean `(B, 1, Q, K)` mask in the form the attention implementation expects: as is for SDPA, additive
     (0 / dtype min) for eager attention, which adds the mask to the scores."""
@@ -376,6 +382,7 @@ def to_attention_mask(mask: torch.Tensor, attn_implementation: Optional[str], dt
 
 
 # ============================================================================ cache
+@host_side
 def right_aligned_index(select: torch.Tensor) -> torch.Tensor:
     """Indices of the True entries of each row of `select` `(B, L)`, right-aligned in `(B, S)` (S = the largest
     count), -1 in front where a row has fewer."""
@@ -409,6 +416,7 @@ class PrefillOutput:
     state: ETCCacheState = field(repr=False)
 
 
+@host_side
 def can_segment(layout: ETCLayout) -> bool:
     """The segmented prefill needs the same number of images in every row, and text after the last image either in
     every row or in none."""
@@ -435,6 +443,7 @@ def _gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.
     return out.masked_fill(index < 0, 0)
 
 
+@dispatch
 def segmented_prefill(
     run_language_model: RunLanguageModel,
     layout: ETCLayout,
@@ -467,36 +476,54 @@ def segmented_prefill(
     """
     if not can_segment(layout):
         raise ValueError("segmented_prefill needs the same number of images per row (see can_segment)")
-    segments = layout.segment_ids()
     num_segments = int(layout.num_images[0]) + 1
-    batch_size = layout.batch_size
-    cache_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=inputs_embeds.device)
+    cache_valid = torch.zeros(layout.batch_size, 0, dtype=torch.bool, device=inputs_embeds.device)
     if past_valid is not None:
         cache_valid = past_valid.to(device=inputs_embeds.device, dtype=torch.bool)
     hidden_states = index = None
     for segment in range(num_segments):
-        select = layout.attention_mask & (segments == segment)
-        seg_index = right_aligned_index(select)  # (B, S)
-        if seg_index.shape[1] == 0:  # no text after the last image in any row
+        seg_index, pass_inputs = _segment_pass_inputs(layout, segment, inputs_embeds, cache_valid, token_inputs)
+        if seg_index is None:  # no text after the last image in any row
             break
-        seg_embeds = _gather_tokens(inputs_embeds, seg_index)  # (B, S, H)
-        seg_positions = _gather_positions(layout.position_ids, seg_index)  # (B, S) or (K, B, S)
-        seg_valid = seg_index >= 0
-        attention_mask = torch.cat([cache_valid, seg_valid], dim=1).long()  # (B, C + S)
-        seg_extras = {name: _gather_tokens(value, seg_index) for name, value in (token_inputs or {}).items()}
-        hidden_states = run_language_model(seg_embeds, attention_mask, seg_positions, cache, **seg_extras)
+        hidden_states = run_language_model(cache=cache, **pass_inputs)
         index = seg_index
-        if segment < num_segments - 1:
-            seg_types = layout.token_type.gather(1, seg_index.clamp_min(0))
-            keep = torch.cat([cache_valid, seg_valid & (seg_types != VISUAL)], dim=1)  # (B, C + S)
-            keep_index = right_aligned_index(keep)
-            compact_dynamic_cache(cache, keep_index, empty_slots=True)
-            cache_valid = keep_index >= 0
-        else:
-            cache_valid = torch.cat([cache_valid, seg_valid], dim=1)
+        cache_valid = _compact_segment(layout, cache, cache_valid, seg_index, last=segment == num_segments - 1)
     return hidden_states, index, cache_valid
 
 
+@host_side
+def _segment_pass_inputs(layout: ETCLayout, segment: int, inputs_embeds, cache_valid, token_inputs):
+    """The extended index `(B, S)` of segment `segment`'s tokens (right-aligned, -1 = padding; None when no row has
+    any) and the keyword arguments of its pass: embeddings `(B, S, H)`, the 2-D mask over cache and segment
+    `(B, C + S)`, positions and per-token extras."""
+    select = layout.attention_mask & (layout.segment_ids() == segment)
+    seg_index = right_aligned_index(select)  # (B, S)
+    if seg_index.shape[1] == 0:
+        return None, None
+    pass_inputs = {name: _gather_tokens(value, seg_index) for name, value in (token_inputs or {}).items()}
+    pass_inputs.update(
+        inputs_embeds=_gather_tokens(inputs_embeds, seg_index),  # (B, S, H)
+        attention_mask=torch.cat([cache_valid, seg_index >= 0], dim=1).long(),  # (B, C + S)
+        position_ids=_gather_positions(layout.position_ids, seg_index),  # (B, S) or (K, B, S)
+    )
+    return seg_index, pass_inputs
+
+
+@host_side
+def _compact_segment(layout: ETCLayout, cache: DynamicCache, cache_valid, seg_index, last: bool) -> torch.Tensor:
+    """After the pass of a segment: drop its visual entries (and padding) from every cache layer, unless it is the
+    last segment. Returns the cache's validity `(B, C)`."""
+    seg_valid = seg_index >= 0
+    if last:
+        return torch.cat([cache_valid, seg_valid], dim=1)
+    seg_types = layout.token_type.gather(1, seg_index.clamp_min(0))
+    keep = torch.cat([cache_valid, seg_valid & (seg_types != VISUAL)], dim=1)  # (B, C + S)
+    keep_index = right_aligned_index(keep)
+    compact_dynamic_cache(cache, keep_index, empty_slots=True)
+    return keep_index >= 0
+
+
+@dispatch
 def masked_prefill(
     run_language_model: RunLanguageModel,
     layout: ETCLayout,
@@ -512,12 +539,16 @@ def masked_prefill(
     Returns like `segmented_prefill`: hidden states `(B, Lx, H)`, index `(B, Lx)`, cache validity `(B, C)`.
     """
     mask = to_attention_mask(bottleneck_mask(layout), attn_implementation, inputs_embeds.dtype)
-    hidden_states = run_language_model(inputs_embeds, mask, layout.position_ids, cache, **(token_inputs or {}))
+    hidden_states = run_language_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=layout.position_ids, cache=cache,
+        **(token_inputs or {}),
+    )  # fmt: skip
     index = torch.arange(layout.length, device=inputs_embeds.device).expand(layout.batch_size, -1)
     index = index.masked_fill(~layout.attention_mask, -1)
     return hidden_states, index, compact_masked_pass(layout, cache)
 
 
+@host_side
 def compact_masked_pass(layout: ETCLayout, cache: DynamicCache) -> torch.Tensor:
     """After one pass of the whole extended sequence under the bottleneck mask: drop the visual entries and the
     padding from every layer of `cache` and right-align the rest. Returns the bool `(B, C)` validity of the entries."""
@@ -526,6 +557,7 @@ def compact_masked_pass(layout: ETCLayout, cache: DynamicCache) -> torch.Tensor:
     return keep_index >= 0
 
 
+@host_side
 def prefill_state(
     layout: ETCLayout, cache_valid: torch.Tensor, input_length: int, past_offset: Optional[torch.Tensor] = None
 ) -> ETCCacheState:
@@ -552,6 +584,7 @@ def _trailing_text_tokens(layout: ETCLayout) -> int:
     return int(trailing.min()) if layout.batch_size else 0
 
 
+@dispatch
 def etc_prefill(
     run_language_model: RunLanguageModel,
     layout: ETCLayout,

@@ -92,6 +92,23 @@ def test_generate_with_inputs_embeds_gives_the_new_tokens_of_input_ids(backbone)
 
 
 @pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_a_compressed_cache_continues_from_the_whole_prompts_embeddings(backbone):
+    """A forward call on a cache of the prompt up to the image, given the whole prompt's embeddings (as input_ids
+    may be given whole): only the columns the cache does not hold run, with the logits of input_ids."""
+    model, inputs, _ = _model_and_batch(backbone)
+    embedded = _as_embeds(model, inputs)
+    prefix = {k: v[:, :-2] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in inputs.items()}  # fmt: skip
+    with torch.no_grad():
+        cache = model(**prefix, cache=DynamicCache(), use_cache=True).cache
+        text = {"attention_mask": inputs["attention_mask"], "use_cache": True}
+        expected = model(input_ids=inputs["input_ids"], cache=copy.deepcopy(cache), **text)
+        got = model(inputs_embeds=embedded["inputs_embeds"], cache=copy.deepcopy(cache), **text)
+    assert got.logits.shape[1] == 2
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
 def test_modified_text_embeddings_are_used(backbone):
     """Embeddings a user changed are what the model runs on (never re-embedded from token ids): scaled text
     embeddings give the outputs of a model whose vocabulary embeddings are scaled alike (training loss with the

@@ -1,19 +1,45 @@
 """ETC's inference side, written once for every backbone: the compressed prefill, decoding from the compacted
 cache, and continuing it with new tokens (a reused image cache, a later turn, new images)."""
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from transformers.cache_utils import DynamicCache
 
 from ..compress import ETCCache, etc_prefill
 from ..continuation import CompressedCacheGenerationMixin, new_tokens
+from ..dispatch import dispatch, host_side
 from .etc_hooks import ETCBackboneHooks, ETCInputs
 
-__all__ = ["ETCGenerationMixin"]
+__all__ = ["Continuation", "ETCGenerationMixin"]
+
+
+@dataclass
+class Continuation:
+    """The new tokens of a call on a compressed cache, as `ETCGenerationMixin._etc_continuation` finds them.
+
+    Attributes:
+        input_ids: `(B, new)` the new tokens (their placeholder ids when the user gave inputs_embeds).
+        inputs_embeds: `(B, new, H)` the user's embeddings of the new tokens, or None.
+        attention_mask: `(B, C + new)` over the compacted cache's entries and the new tokens.
+        position_ids: the new tokens' positions, in the language model's form.
+        total: the user tokens the cache covers after this call.
+        new_images: the visual inputs of the new tokens' images; None when the new tokens are text.
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: Optional[torch.Tensor]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    total: int
+    new_images: Optional[dict] = None
 
 
 class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
     """Prefill into an `ETCCache`, decode from it, continue it."""
 
+    @dispatch
     def _etc_prefill(
         self, prepared: ETCInputs, input_length: int, cache, method: str, logits_to_keep=1, **past
     ):  # fmt: skip
@@ -60,9 +86,10 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         )
         return {"attention_mask": mask, "position_ids": self._etc_text_positions(positions)}
 
+    @dispatch
     def _etc_continue(
         self, original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask, position_ids,
-        cache, has_visual_inputs, etc_prefill_method, inputs_embeds=None,
+        cache, etc_prefill_method, inputs_embeds=None,
     ):  # fmt: skip
         """New tokens on a cache that holds a compressed prefill: decoding, the question after a reused image cache,
         or a later turn of a conversation (with or without new images).
@@ -71,41 +98,59 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         holds (`ETCCacheState.covered_length`), and `attention_mask` (when given) covers the whole conversation, as
         generate() makes it; the new tokens are the last `mask length - covered` columns. Images already in the
         cache may be passed again (generate() re-sends the conversation's pixel values) or not: only the new
-        images' placeholders are compressed, against the cache."""
-        if input_ids is None:
-            raise ValueError("ETC: continuing a compressed cache needs input_ids (not inputs_embeds)")
-        state = cache.etc_state
-        cache_length = cache.get_seq_length()
-        input_ids, position_ids, covered, new = new_tokens(cache, input_ids, attention_mask, position_ids)
-        total = covered + new
-        visual_token_mask = self._etc_visual_token_mask(input_ids)
-        decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
-        mask, positions = decode_inputs["attention_mask"], decode_inputs["position_ids"]
-        generated = new == 1 and not has_visual_inputs  # one decoding step: an image token id here is generated text
-        if generated or not bool(visual_token_mask.any()):  # text only: the cached images are in the cache already
+        images' placeholders are compressed, against the cache. With the user's `inputs_embeds` `(B, L, H)` (then
+        `input_ids` are their placeholder ids), the new columns are taken from them the same way."""
+        step = self._etc_continuation(visual_inputs, input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if step.new_images is None:  # text only: the cached images are in the cache already
             base_kwargs.update({name: None for name in visual_kwargs}, mm_encoder_outputs=None)
-            base_kwargs.update(attention_mask=mask, position_ids=positions)
-            if inputs_embeds is None:
-                base_kwargs.update(input_ids=input_ids)
+            base_kwargs.update(attention_mask=step.attention_mask, position_ids=step.position_ids)
+            if step.inputs_embeds is None:
+                base_kwargs.update(input_ids=step.input_ids)
             else:
-                base_kwargs.update(inputs_embeds=inputs_embeds)
+                base_kwargs.update(inputs_embeds=step.inputs_embeds)
             return original_forward(**base_kwargs)
-        if not has_visual_inputs:
-            raise ValueError("ETC: the new tokens contain image tokens but no pixel values were given")
-
         # New images: compress them against the cache (segmented prefill of the new tokens).
-        past_images = state.position_offset // self.etc.config.num_compression_tokens  # (B,)
-        visual_inputs = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
-        prepared = self._etc_prepare(input_ids, mask[:, -new:], positions, visual_inputs, inputs_embeds)
+        new = step.input_ids.shape[1]
+        prepared = self._etc_prepare_inputs(
+            step.input_ids, step.attention_mask[:, -new:], step.position_ids, step.new_images, step.inputs_embeds
+        )
         return self._etc_prefill(
             prepared,
-            total,
+            step.total,
             cache,
             etc_prefill_method or self.etc.prefill_method,
             logits_to_keep=base_kwargs.get("logits_to_keep", 1),
-            past_valid=mask[:, :cache_length].bool(),
-            past_offset=state.position_offset,
+            past_valid=step.attention_mask[:, :-new].bool(),
+            past_offset=cache.etc_state.position_offset,
         )
+
+    @host_side
+    def _etc_continuation(self, visual_inputs, input_ids, attention_mask, position_ids, cache, inputs_embeds):
+        """The new tokens of a call on a compressed cache (see `_etc_continue`) and what they need: a
+        `Continuation`."""
+        if input_ids is None:
+            raise ValueError("ETC: continuing a compressed cache needs input_ids or inputs_embeds")
+        has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
+        input_ids, position_ids, covered, new = new_tokens(cache, input_ids, attention_mask, position_ids)
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds[:, -new:]  # (B, new, H)
+        visual_token_mask = self._etc_visual_token_mask(input_ids)
+        decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
+        step = Continuation(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=decode_inputs["attention_mask"],
+            position_ids=decode_inputs["position_ids"],
+            total=covered + new,
+        )
+        generated = new == 1 and not has_visual_inputs  # one decoding step: an image token id here is generated text
+        if generated or not bool(visual_token_mask.any()):
+            return step
+        if not has_visual_inputs:
+            raise ValueError("ETC: the new tokens contain image tokens but no pixel values were given")
+        past_images = cache.etc_state.position_offset // self.etc.config.num_compression_tokens  # (B,)
+        step.new_images = self._etc_new_images(visual_inputs, visual_token_mask, past_images)
+        return step
 
     def _etc_new_images(self, visual_inputs: dict, visual_token_mask, past_images) -> dict:
         """`visual_inputs` restricted to the images of the new tokens: all of them when only those were passed,
@@ -132,6 +177,7 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         return starts.sum(-1)
 
 
+@host_side
 def _last_user_outputs(prefill, layout, keep: int) -> torch.Tensor:
     """`(B, keep, H)` outputs of the prefill's last pass that predict the successors of each row's last `keep` user
     tokens.

@@ -20,6 +20,10 @@ them.
 The parts: `etc_training.ETCTrainingMixin` (masked pass, target, teacher, VID), `etc_generation.ETCGenerationMixin`
 (prefill, decoding, continuing a compressed cache), `etc_hooks` (`ETCInputs` and the hooks); this module holds the
 dispatch.
+
+Under `torch.compile` the dispatch runs eagerly and the language model's passes compile (`etc_ext.dispatch`): the
+routing and the hooks' bookkeeping are `host_side` (the adapter's hooks are called through `_etc_route`,
+`_etc_prepare_inputs` and `_etc_pass_kwargs`), the functions that call the passes are `dispatch`.
 """
 
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from ..compress import CompressionTokens, ETCCache
+from ..dispatch import dispatch, host_side
 from ..distill import DistillHead, VIDDecoder
 from . import common
 from .common import ETCModules, check_etc_inputs
@@ -71,6 +76,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
     # ---------------------------------------------------------------------------------------------- dispatch
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @dispatch  # the frame itself: data-dependent routing; the passes it calls compile (etc_ext.dispatch)
     def _etc_forward(
         self,
         visual_inputs: dict,
@@ -101,26 +107,46 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         if getattr(self, "etc", None) is None or not self.etc.enabled:  # no ETC parts (a bare ETC class) or off
             return original_forward(**base_kwargs)
 
-        has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
         if inputs_embeds is not None:  # the user's embeddings: find the placeholders in them, as transformers does
             input_ids = self._etc_placeholder_ids(input_ids, inputs_embeds)
-        if getattr(cache, "etc_state", None) is not None:  # a cache holding a compressed prefill: continue it
-            if labels is not None:
-                raise ValueError("ETC: labels go with the training forward (no cache)")
+        route = self._etc_route(visual_inputs, input_ids, inputs_embeds, cache, labels, use_cache, kwargs)
+        if route == "original":
+            return original_forward(**base_kwargs)
+        if route == "continue":
             return self._etc_continue(
                 original_forward, base_kwargs, visual_inputs, visual_kwargs, input_ids, attention_mask,
-                position_ids, cache, has_visual_inputs, etc_prefill_method, inputs_embeds,
+                position_ids, cache, etc_prefill_method, inputs_embeds,
             )  # fmt: skip
+        prepared = self._etc_prepare_inputs(input_ids, attention_mask, position_ids, visual_inputs, inputs_embeds)
+        if route == "prefill":
+            method = etc_prefill_method or self.etc.prefill_method
+            return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
+        # the masked single pass; with a fresh ETCCache (generate() passes an empty DynamicCache) for a prefill with
+        # output_hidden_states/attentions (the one pass that has every token's states), or as use_cache asks
+        cache = ETCCache(config=self.config) if route == "masked_cached" else None
+        return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs, cache)
+
+    @host_side
+    def _etc_route(self, visual_inputs, input_ids, inputs_embeds, cache, labels, use_cache, kwargs) -> str:
+        """Which path a call takes, after that path's checks (data-dependent: whether the prompt holds image
+        tokens, the cache's state): "continue" (a cache holding a compressed prefill), "original" (nothing to
+        compress), "prefill" (the compressed prefill), "masked_cached" / "masked" (the masked single pass, returning
+        a cache or not)."""
+        has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
+        if getattr(cache, "etc_state", None) is not None:
+            if labels is not None:
+                raise ValueError("ETC: labels go with the training forward (no cache)")
+            return "continue"
         visual_token_mask = None if input_ids is None else self._etc_visual_token_mask(input_ids)
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())
         if not has_visual_inputs and not has_visual_tokens:
-            return original_forward(**base_kwargs)  # nothing to compress: text only
+            return "original"  # nothing to compress: text only
         if inputs_embeds is not None and not has_visual_tokens:
             raise self._etc_no_placeholder_error()
         if not has_visual_inputs and cache is not None and cache.get_seq_length() > 0:
             # Decoding a text-only prompt (a plain, uncompressed cache): an image token id here was generated as
             # text, and the original model treats it as text too.
-            return original_forward(**base_kwargs)
+            return "original"
 
         check_etc_inputs(input_ids, labels, kwargs)
         self._etc_check_visual_inputs(visual_inputs)
@@ -134,18 +160,16 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             self._etc_check_cache(cache)
         if prefill and cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
-        prepared = self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs, inputs_embeds)
         if prefill and not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
-            method = etc_prefill_method or self.etc.prefill_method
-            return self._etc_prefill(prepared, input_ids.shape[1], cache, method, logits_to_keep)
-        if prefill or self._etc_default_use_cache(use_cache):
-            # a fresh ETCCache (generate() passes an empty DynamicCache); with output_hidden_states/attentions the
-            # prefill is the masked single pass, the one pass that has every token's states
-            cache = ETCCache(config=self.config)
-        else:
-            cache = None
-        return self._etc_masked_forward(prepared, input_ids, attention_mask, labels, logits_to_keep, kwargs, cache)
+            return "prefill"
+        return "masked_cached" if prefill or self._etc_default_use_cache(use_cache) else "masked"
 
+    @host_side
+    def _etc_prepare_inputs(self, input_ids, attention_mask, position_ids, visual_inputs, user_embeds=None):
+        """The backbone's `_etc_prepare` (encoding the images, the layout), outside any compiled region."""
+        return self._etc_prepare(input_ids, attention_mask, position_ids, visual_inputs, user_embeds)
+
+    @host_side
     def _etc_placeholder_ids(self, input_ids, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """`(B, L)` ids standing for the user's `inputs_embeds` `(B, L, H)` in ETC's bookkeeping: the visual
         placeholders' token ids where the embeddings are theirs, `NO_TOKEN` at the text (whose embeddings are the
@@ -177,6 +201,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             return False
         return bool(getattr(self.config.get_text_config(), "use_cache", False))
 
+    @dispatch
     def _etc_language_model(self, language_model, inputs_embeds, attention_mask, position_ids, cache, token_inputs,
                             **kwargs):  # fmt: skip
         """One pass of `language_model` (the model's, or a frozen teacher's) with the backbone's per-token extras."""
@@ -186,9 +211,14 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
-            **self._etc_token_kwargs(**token_inputs),
+            **self._etc_pass_kwargs(token_inputs),
             **kwargs,
         )
+
+    @host_side
+    def _etc_pass_kwargs(self, token_inputs: dict) -> dict:
+        """The backbone's `_etc_token_kwargs` (e.g. DeepStack's visual positions), outside any compiled region."""
+        return self._etc_token_kwargs(**token_inputs)
 
     # ---------------------------------------------------------------------------------------------- weights
     def _init_weights(self, module):
@@ -219,6 +249,7 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             self.config.save_pretrained(save_directory)
             common.save_pretrained(self, save_directory, save_base_weights=False)
 
+    @dispatch
     def _etc_run_language_model(self, inputs_embeds, attention_mask, position_ids, cache, **token_inputs):
         """`RunLanguageModel` for the prefill drivers of `etc_ext.compress`."""
         outputs = self._etc_language_model(

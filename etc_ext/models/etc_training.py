@@ -7,6 +7,7 @@ import torch
 from transformers.modeling_utils import slice_logits_to_keep
 
 from ..compress import bottleneck_mask, compact_masked_pass, prefill_state, to_attention_mask
+from ..dispatch import dispatch, host_side
 from ..distill import (
     adapter_layers,
     adapters_disabled,
@@ -24,6 +25,7 @@ __all__ = ["ETCTrainingMixin"]
 class ETCTrainingMixin(ETCBackboneHooks):
     """The masked forward with `loss = ce_loss + vid_weight * vid_loss`, the distillation target and the teacher."""
 
+    @dispatch
     def _etc_masked_forward(
         self, prepared: ETCInputs, input_ids, attention_mask, labels, logits_to_keep, kwargs, cache=None
     ):  # fmt: skip
@@ -111,6 +113,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
             **prepared.encoder_outputs,
         )  # fmt: skip
 
+    @host_side  # under torch.compile the distillation (teacher pass, decoder) runs eagerly
     def _etc_distill_loss(
         self, prepared: ETCInputs, input_ids, attention_mask, labels, student_states, hidden_index, attention_layer
     ) -> torch.Tensor:

@@ -481,6 +481,33 @@ def test_output_hidden_states_in_the_user_layout(backbone):
 
 
 @pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
+def test_output_options_follow_the_config_and_take_layer_lists(backbone):
+    """As in transformers: `config.output_hidden_states` / `config.output_attentions` are the defaults of the
+    arguments, and `output_hidden_states` may list the layers to keep (negative indices from the end; None at the
+    others)."""
+    _, model, inputs = _assisted_pair(backbone)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(**inputs, output_hidden_states=True, output_attentions=True, use_cache=False)
+        model.config.output_hidden_states = model.config.output_attentions = True
+        try:
+            from_config = model(**inputs, use_cache=False)
+        finally:
+            model.config.output_hidden_states = model.config.output_attentions = False
+        listed = model(**inputs, output_hidden_states=[0, -1], use_cache=False)
+    assert from_config.hidden_states is not None and from_config.attentions is not None
+    for ours, theirs in zip(from_config.hidden_states + from_config.attentions,
+                            expected.hidden_states + expected.attentions, strict=True):  # fmt: skip
+        torch.testing.assert_close(ours, theirs)
+    assert len(listed.hidden_states) == len(expected.hidden_states)
+    for index, states in enumerate(listed.hidden_states):
+        if index in (0, len(expected.hidden_states) - 1):
+            torch.testing.assert_close(states, expected.hidden_states[index])
+        else:
+            assert states is None
+
+
+@pytest.mark.parametrize("backbone", ["llava", "qwen3_vl"])
 def test_output_attentions_over_the_extended_sequence(backbone):
     """With eager attention, output_attentions gives every layer's probabilities over the extended sequence (the
     user's tokens with each image's M compression tokens after it): rows are distributions, and the bottleneck shows:

@@ -160,7 +160,10 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             self._etc_check_cache(cache)
         if prefill and cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("ETC: prefilling images into a non-empty cache is not supported")
-        if prefill and not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")):
+        wants_states = self._etc_output_option(kwargs, "output_hidden_states") or self._etc_output_option(
+            kwargs, "output_attentions"
+        )
+        if prefill and not wants_states:
             return "prefill"
         return "masked_cached" if prefill or self._etc_default_use_cache(use_cache) else "masked"
 

@@ -58,8 +58,9 @@ class ETCTrainingMixin(ETCBackboneHooks):
             self.etc.config.target_layer, language_model.config.num_hidden_layers
         )
         final = hidden_index == language_model.config.num_hidden_layers
-        all_hidden_states = bool(kwargs.get("output_hidden_states"))
-        attentions = bool(kwargs.get("output_attentions"))
+        hidden_request = self._etc_output_option(kwargs, "output_hidden_states")  # True, or a list of layer indices
+        all_hidden_states = bool(hidden_request)
+        attentions = bool(self._etc_output_option(kwargs, "output_attentions"))
         if attentions and language_model.config._attn_implementation != "eager":
             raise ValueError(
                 "output_attentions needs eager attention (model.set_attn_implementation('eager')), as in transformers; "
@@ -106,12 +107,20 @@ class ETCTrainingMixin(ETCBackboneHooks):
                 loss = ce_loss + self.etc.config.vid_weight * vid_loss
         user_states = None
         if all_hidden_states:  # each user token's own state, layer by layer
-            user_states = tuple(states[rows, layout.ext_index] for states in outputs.hidden_states)
+            user_states = _requested_states(
+                [states[rows, layout.ext_index] for states in outputs.hidden_states], hidden_request
+            )
         return self.etc_output_class(
             loss=loss, logits=logits, cache=cache, hidden_states=user_states,
             attentions=outputs.attentions if attentions else None, ce_loss=ce_loss, vid_loss=vid_loss,
             **prepared.encoder_outputs,
         )  # fmt: skip
+
+    def _etc_output_option(self, kwargs: dict, name: str):
+        """`output_hidden_states` / `output_attentions` of a call: the argument, else the model config's default (as
+        transformers' models resolve them)."""
+        value = kwargs.get(name)
+        return getattr(self.config, name, False) if value is None else value
 
     @host_side  # under torch.compile the distillation (teacher pass, decoder) runs eagerly
     def _etc_distill_loss(
@@ -225,3 +234,12 @@ class ETCTrainingMixin(ETCBackboneHooks):
             teacher = common.frozen_teacher(self, lambda base: base._etc_teacher_modules())
             return dict(teacher.named_children()), nullcontext()
         return {"language_model": self.model.language_model}, nullcontext()
+
+
+def _requested_states(states: list, request) -> tuple:
+    """The hidden states `output_hidden_states` asks for: all of them (True), or those at the listed indices (as
+    transformers' models take a list of layer indices, negative ones counting from the end), None elsewhere."""
+    if not isinstance(request, (list, tuple)):
+        return tuple(states)
+    kept = {index % len(states) for index in request}
+    return tuple(state if index in kept else None for index, state in enumerate(states))

@@ -615,6 +615,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: .*no pixel values"):
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
               mm_token_type_ids=inputs["mm_token_type_ids"])  # fmt: skip
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: .*no pixel values"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # nor mm_token_type_ids
     video_tokens = {"input_ids": inputs["input_ids"].masked_fill(image_tokens, VIDEO),
                     "mm_token_type_ids": inputs["mm_token_type_ids"] * 2}  # fmt: skip
     with pytest.raises(ValueError, match="Video features and video tokens do not match, tokens: "):

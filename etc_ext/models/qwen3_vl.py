@@ -231,12 +231,13 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         image_mask = input_ids == self.config.image_token_id  # (B, L)
         video_mask = input_ids == self.config.video_token_id
         visual_token_mask = image_mask | video_mask
-        check_mm_token_type_ids(mm_token_type_ids, image_mask, video_mask)
         image_outputs, video_outputs = self._etc_encode(pixel_inputs, encoded)
         features = flatten_features(image_outputs, video_outputs)
         image_counts = [] if image_outputs is None else [f.shape[0] for f in image_outputs.pooler_output]
         video_counts = [] if video_outputs is None else [f.shape[0] for f in video_outputs.pooler_output]
         spans, kinds, sources = visual_spans(image_mask, video_mask, image_counts, video_counts)
+        # after the placeholders' check: a prompt without its pixel values is told so first
+        check_mm_token_type_ids(mm_token_type_ids, image_mask, video_mask)
         grids = span_grids(
             spans, kinds, sources, pixel_inputs["image_grid_thw"], pixel_inputs["video_grid_thw"],
             self.config.vision_config.spatial_merge_size, image_outputs is not None, video_outputs is not None,

@@ -778,6 +778,23 @@ def test_transformers_initialises_every_etc_parameter():
             assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param))
 
 
+def test_weights_a_checkpoint_lacks_initialise_as_the_original_models():
+    """transformers counts classes defined outside it as custom code and then skips part of the initialisation of
+    weights a checkpoint lacks (modules without parameters of their own: CLIP's attention re-initialises its
+    projections) and the original model's checkpoint key conversions; an ETC class is the original model, so
+    `from_pretrained` with missing weights gives the original's weights (same seed)."""
+    config = tiny_llava().config
+    etc_class = type(apply_etc(tiny_llava(), small_config()))
+    assert not etc_class.is_custom_code()
+    torch.manual_seed(0)
+    original = LlavaForConditionalGeneration.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    torch.manual_seed(0)
+    ours = etc_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})  # an ETC class, no ETC parts
+    expected = original.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_the_decoder_width_follows_the_model():
     """By default the decoder is as wide as the language model, at most 1024; an explicit width is kept."""
     model = apply_etc(tiny_llava(hidden_size=32), ETCConfig(num_compression_tokens=1))

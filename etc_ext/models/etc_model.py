@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -224,6 +225,19 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         return self._etc_token_kwargs(**token_inputs)
 
     # ---------------------------------------------------------------------------------------------- weights
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """As the Hugging Face class under the ETC class: transformers counts classes defined outside it as custom
+        code, and for those skips the original model's checkpoint key conversions and part of its weight
+        initialisation (modules without parameters of their own, e.g. CLIP's attention, which re-initialises its
+        projections); an ETC class is the original model with ETC's parts."""
+        from .etc_hooks import ETCBackboneHooks
+
+        original = next(
+            c for c in cls.__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, ETCBackboneHooks)
+        )
+        return original.is_custom_code()
+
     def _init_weights(self, module):
         """transformers' initialisation, and ETC's own parameters as ETC's modules make them (transformers calls this
         for weights a checkpoint lacks, e.g. a model built on the meta device; its Linear and LayerNorm layers, the

@@ -6,7 +6,9 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0" (default: the visible GPUs, or
                           "8.0;9.0" when none is visible so the build never needs a GPU)
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
-  ETC_EXT_CPU_NATIVE=0    compile the CPU kernels without -march=native (portable binaries)
+  ETC_EXT_CPU_NATIVE=1    compile everything with -march=native (default off: the CPU kernels are
+                          compiled for the baseline, AVX2 and AVX-512 and pick one at run time,
+                          so a binary built on one machine runs at full speed on another)
   DEBUG=1                 -O0 -g
 """
 
@@ -114,7 +116,7 @@ def extension():
     # The C++ standard is the one torch asks for. -fno-trapping-math lets GCC if-convert the
     # float compares in the softmax loops, without which they do not vectorize.
     cxx = opt + ["-fopenmp", "-fno-trapping-math"]
-    if os.environ.get("ETC_EXT_CPU_NATIVE", "1") == "1":
+    if os.environ.get("ETC_EXT_CPU_NATIVE", "0") == "1":
         cxx.append("-march=native")
     kwargs = dict(
         name="etc_ext._C",

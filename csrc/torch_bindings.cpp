@@ -37,6 +37,8 @@ TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
 // The Python module etc_ext._C: importing it loads this library and registers the ops.
 // The CMake build for C++ users has no Python and leaves it out.
 #ifdef TORCH_EXTENSION_NAME
+#include "cpu/cpu_capability.h"
+
 #include <torch/extension.h>
 
 namespace {
@@ -52,5 +54,18 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "etc_ext compiled ops (registered as torch.ops.etc_ext.*)";
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA kernels were compiled in.");
+  // The instruction set of the CPU kernels (csrc/cpu/cpu_capability.h), by name.
+  m.def("cpu_capability", [] { return std::string(etc_ext::cpu_capability_name(etc_ext::cpu_capability())); },
+        "The instruction set the CPU kernels run with: 'default', 'avx2' or 'avx512'.");
+  m.def("supported_cpu_capabilities", [] {
+    std::vector<std::string> names;
+    for (const auto c : etc_ext::supported_cpu_capabilities()) names.emplace_back(etc_ext::cpu_capability_name(c));
+    return names;
+  }, "The instruction sets this CPU supports, lowest first.");
+  m.def("set_cpu_capability", [](const std::string& name) {
+    const auto parsed = etc_ext::parse_cpu_capability(name);
+    TORCH_CHECK_VALUE(parsed.has_value(), "cpu capability must be one of default, avx2, avx512, got '", name, "'");
+    etc_ext::set_cpu_capability(*parsed);
+  }, "Makes the CPU kernels run with the named instruction set (one this CPU supports).");
 }
 #endif

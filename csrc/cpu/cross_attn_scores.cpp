@@ -10,26 +10,34 @@
 // panel is packed (the micro-kernel alone: ~1.1 ms vs ~1.5 ms for MKL's batched matmul there).
 #include "../checks.h"
 #include "../ops.h"
+#include "cpu_capability.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 namespace etc_ext {
 namespace {
 
-// Panel widths: two AVX-512 registers of query rows (a register pair elsewhere), and a narrow
-// panel for query groups that would leave most of a wide one empty. Key rows per micro-kernel
-// call: 8 x 2 accumulators + 2 panel registers fit AVX-512's 32 registers.
-#if defined(__AVX512F__)
-constexpr int kWidePanel = 32;
-#else
-constexpr int kWidePanel = 16;
-#endif
-constexpr int kNarrowPanel = 16;
-constexpr int kKeyRows = 8;
+// Panel widths: two vector registers of query rows, and a narrow panel of one register for
+// query groups that would leave most of a wide one empty. Key rows per micro-kernel call: as
+// many accumulator rows as the register file holds beside the panel and the broadcast key
+// value, at most 8 (8 x 2 zmm of AVX-512's 32 registers; 6 x 2 ymm of AVX2's 16, where 8 x 2
+// spilled to the stack).
+template <typename Isa>
+struct ScoreTiles {
+  static constexpr int kFloats = Isa::kVectorBytes / static_cast<int>(sizeof(float));
+  static constexpr int kWidePanel = 2 * kFloats;
+  static constexpr int kNarrowPanel = kFloats;
+  template <int kPanel>
+  static constexpr int kKeyRows = std::min(8, (Isa::kRegisters - 1 - kPanel / kFloats) / (kPanel / kFloats));
+};
+// Work items are (group, slab of kSlabRows query rows); each instruction set covers a slab
+// with its own panels, so the split and the buffers are the same for all.
+constexpr int kSlabRows = ScoreTiles<IsaAvx512>::kWidePanel;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // c[i, :] = sum_d k[i, d] * q_panel[d, :] for kRows key rows: each k value is broadcast against
@@ -59,8 +67,9 @@ inline void logits_micro_kernel(const float* __restrict k, int64_t dim, const fl
 
 // logits [keys, kPanel] of one panel against one kv head's keys [keys, dim], and each column's
 // maximum over all keys.
-template <int kPanel>
+template <typename Isa, int kPanel>
 void panel_logits(const float* k, int64_t keys, int64_t dim, const float* q_panel, float* logits, float* col_max) {
+  constexpr int kKeyRows = ScoreTiles<Isa>::template kKeyRows<kPanel>;
   for (int r = 0; r < kPanel; ++r) col_max[r] = kNegInf;
   int64_t n = 0;
   for (; n + kKeyRows <= keys; n += kKeyRows) {
@@ -148,7 +157,7 @@ struct ScoreProblem {
 
 // Scores of the query rows [r0, r0 + kPanel) of one group, added to `acc` [B, N]. `scratch`
 // holds (keys + dim) * kPanel floats.
-template <int kPanel>
+template <typename Isa, int kPanel>
 void score_panel(const ScoreProblem& p, int64_t group_idx, int64_t r0, float* scratch, float* acc) {
   float* logits = scratch;
   float* q_panel = scratch + p.keys * kPanel;
@@ -169,24 +178,57 @@ void score_panel(const ScoreProblem& p, int64_t group_idx, int64_t r0, float* sc
     column_weight[r] = counts ? p.row_weight[b] : 0.0f;
     every_key_visible = every_key_visible && (!counts || column_limit[r] == static_cast<float>(p.keys));
   }
-  panel_logits<kPanel>(p.k + group_idx * p.keys * p.dim, p.keys, p.dim, q_panel, logits, col_max);
+  panel_logits<Isa, kPanel>(p.k + group_idx * p.keys * p.dim, p.keys, p.dim, q_panel, logits, col_max);
   accumulate_panel<kPanel>(logits, p.keys, p.key_valid + b * p.keys, column_limit, column_weight, every_key_visible,
                            p.scale, col_max, acc + b * p.keys);
 }
 
-// Runs every (group, panel) item of width kPanel over the threads; acc is [threads, B, N].
-template <int kPanel>
-void score_all_panels(const ScoreProblem& p, int64_t groups, float* acc, int64_t batch) {
-  const int nthreads = at::get_num_threads();
-  const int64_t panels_per_group = (p.rows_per_group + kPanel - 1) / kPanel;
-  at::Tensor scratch = at::empty({nthreads, (p.keys + p.dim) * kPanel}, at::TensorOptions().dtype(at::kFloat));
-  float* scratch_ptr = scratch.data_ptr<float>();
-  at::parallel_for(0, groups * panels_per_group, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
-    for (int64_t item = begin; item < end; ++item) {
-      score_panel<kPanel>(p, item / panels_per_group, (item % panels_per_group) * kPanel,
-                          scratch_ptr + tid * (p.keys + p.dim) * kPanel, acc + tid * batch * p.keys);
+// Items [begin, end) = (group, slab of kSlabRows query rows), added to acc [B, N]; scratch
+// holds (keys + dim) * kSlabRows floats. A slab that fits a narrow panel takes one, else
+// wide panels.
+template <typename Isa>
+void score_items(const ScoreProblem& p, int64_t begin, int64_t end, float* scratch, float* acc) {
+  using Tiles = ScoreTiles<Isa>;
+  const int64_t slabs_per_group = (p.rows_per_group + kSlabRows - 1) / kSlabRows;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t group_idx = item / slabs_per_group;
+    const int64_t r0 = (item % slabs_per_group) * kSlabRows;
+    const int64_t r1 = std::min<int64_t>(p.rows_per_group, r0 + kSlabRows);
+    if (r1 - r0 <= Tiles::kNarrowPanel) {
+      score_panel<Isa, Tiles::kNarrowPanel>(p, group_idx, r0, scratch, acc);
+      continue;
     }
+    for (int64_t r = r0; r < r1; r += Tiles::kWidePanel) score_panel<Isa, Tiles::kWidePanel>(p, group_idx, r, scratch, acc);
+  }
+}
+
+// score_items for each instruction set (cpu_capability.h).
+using ScoreItemsFn = void (*)(const ScoreProblem&, int64_t, int64_t, float*, float*);
+ETC_EXT_TARGET_BASELINE void score_items_baseline(const ScoreProblem& p, int64_t begin, int64_t end, float* scratch,
+                                                  float* acc) {
+  score_items<IsaBaseline>(p, begin, end, scratch, acc);
+}
+ETC_EXT_TARGET_AVX2 void score_items_avx2(const ScoreProblem& p, int64_t begin, int64_t end, float* scratch,
+                                          float* acc) {
+  score_items<IsaAvx2>(p, begin, end, scratch, acc);
+}
+ETC_EXT_TARGET_AVX512 void score_items_avx512(const ScoreProblem& p, int64_t begin, int64_t end, float* scratch,
+                                              float* acc) {
+  score_items<IsaAvx512>(p, begin, end, scratch, acc);
+}
+const CpuKernels<ScoreItemsFn> kScoreItems{score_items_baseline, score_items_avx2, score_items_avx512};
+
+// Runs every item over the threads; acc is [threads, B, N].
+void score_all_items(const ScoreProblem& p, int64_t groups, float* acc, int64_t batch) {
+  const ScoreItemsFn run = kScoreItems.pick();
+  const int nthreads = at::get_num_threads();
+  const int64_t items = groups * ((p.rows_per_group + kSlabRows - 1) / kSlabRows);
+  const int64_t scratch_floats = (p.keys + p.dim) * kSlabRows;
+  at::Tensor scratch = at::empty({nthreads, scratch_floats}, at::TensorOptions().dtype(at::kFloat));
+  float* scratch_ptr = scratch.data_ptr<float>();
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    run(p, begin, end, scratch_ptr + tid * scratch_floats, acc + tid * batch * p.keys);
   });
 }
 
@@ -229,11 +271,7 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
                                valid_keys.data_ptr<float>(), query_valid.data_ptr<float>(), limit.data_ptr<float>(),
                                row_weight.data_ptr<float>(), kv_heads, queries, keys, dim, group * queries,
                                softmax_scale};
-    if (problem.rows_per_group <= kNarrowPanel) {
-      score_all_panels<kNarrowPanel>(problem, batch * kv_heads, acc.data_ptr<float>(), batch);
-    } else {
-      score_all_panels<kWidePanel>(problem, batch * kv_heads, acc.data_ptr<float>(), batch);
-    }
+    score_all_items(problem, batch * kv_heads, acc.data_ptr<float>(), batch);
   }
   at::Tensor scores = acc.sum(0);
   // A row with no valid query gets the uniform distribution over its valid keys.

@@ -6,6 +6,7 @@
 // never writes out of bounds.
 #include "../checks.h"
 #include "../ops.h"
+#include "cpu_capability.h"
 #include "float_convert.h"
 
 #include <ATen/Dispatch.h>
@@ -66,50 +67,82 @@ inline void store_row(const acc_t* __restrict__ acc, dst_t* __restrict__ dst, in
   }
 }
 
-// Entry (b, k) copies position index[b, k] of every kv head. Parallel over (b, h), the
-// entries inside: the rows read from one head's [N, D] slice are then (for sorted indices)
+// Entry (b, k) copies position index[b, k] of every kv head; here for the (b, h) pairs
+// [begin, end). The rows read from one head's [N, D] slice are then (for sorted indices)
 // sequential, which the prefetchers follow; entry-major order jumps between heads on every
 // row and ran 3x slower. Runs of entries with consecutive indices going to consecutive
 // slots of one block (the ETC pattern: a prefix, then the text after the image) are one
-// copy when both sides store their rows contiguously.
-template <typename src_t, typename dst_t>
-void write_index_kernel(const WriteArgs& a, const src_t* key, const src_t* value,
-                        dst_t* key_cache, dst_t* value_cache, const int64_t* index) {
+// copy when both sides store their rows contiguously. A template on the instruction set for
+// the dtype conversions (cpu_capability.h).
+template <typename Isa, typename src_t, typename dst_t>
+void write_index_heads(const WriteArgs& a, const src_t* key, const src_t* value, dst_t* key_cache,
+                       dst_t* value_cache, const int64_t* index, int64_t begin, int64_t end) {
   const bool rows_contiguous = a.key.s3 == 1 && a.value.s3 == 1 && a.key_cache.s3 == 1 &&
                                a.value_cache.s3 == 1 && a.key.s2 == a.dim &&
                                a.value.s2 == a.dim && a.key_cache.s1 == a.dim &&
                                a.value_cache.s1 == a.dim;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
+    const src_t* kb = key + b * a.key.s0 + h * a.key.s1;
+    const src_t* vb = value + b * a.value.s0 + h * a.value.s1;
+    const int64_t* slots = a.slots + b * a.entries;
+    const int64_t* idx = index + b * a.entries;
+    int64_t run = 1;
+    for (int64_t k = 0; k < a.entries; k += run) {
+      const int64_t slot = slots[k], src = idx[k];
+      run = 1;
+      if (slot < 0 || slot >= a.num_slots || src < 0 || src >= a.tokens) continue;
+      const int64_t block = slot / a.block_size, offset = slot % a.block_size;
+      if (rows_contiguous) {
+        while (k + run < a.entries && slots[k + run] == slot + run && idx[k + run] == src + run &&
+               offset + run < a.block_size && src + run < a.tokens)
+          ++run;
+      }
+      // `run` rows, contiguous on both sides when run > 1.
+      copy_row(kb + src * a.key.s2, a.key.s3,
+               key_cache + block * a.key_cache.s0 + offset * a.key_cache.s1 + h * a.key_cache.s2,
+               a.key_cache.s3, run * a.dim);
+      copy_row(vb + src * a.value.s2, a.value.s3,
+               value_cache + block * a.value_cache.s0 + offset * a.value_cache.s1 +
+                   h * a.value_cache.s2,
+               a.value_cache.s3, run * a.dim);
+    }
+  }
+}
+
+template <typename src_t, typename dst_t>
+using WriteIndexFn = void (*)(const WriteArgs&, const src_t*, const src_t*, dst_t*, dst_t*, const int64_t*,
+                              int64_t, int64_t);
+template <typename src_t, typename dst_t>
+ETC_EXT_TARGET_BASELINE void write_index_heads_baseline(const WriteArgs& a, const src_t* key, const src_t* value,
+                                                        dst_t* key_cache, dst_t* value_cache,
+                                                        const int64_t* index, int64_t begin, int64_t end) {
+  write_index_heads<IsaBaseline>(a, key, value, key_cache, value_cache, index, begin, end);
+}
+template <typename src_t, typename dst_t>
+ETC_EXT_TARGET_AVX2 void write_index_heads_avx2(const WriteArgs& a, const src_t* key, const src_t* value,
+                                                dst_t* key_cache, dst_t* value_cache, const int64_t* index,
+                                                int64_t begin, int64_t end) {
+  write_index_heads<IsaAvx2>(a, key, value, key_cache, value_cache, index, begin, end);
+}
+template <typename src_t, typename dst_t>
+ETC_EXT_TARGET_AVX512 void write_index_heads_avx512(const WriteArgs& a, const src_t* key, const src_t* value,
+                                                    dst_t* key_cache, dst_t* value_cache,
+                                                    const int64_t* index, int64_t begin, int64_t end) {
+  write_index_heads<IsaAvx512>(a, key, value, key_cache, value_cache, index, begin, end);
+}
+
+// Parallel over (b, h), the entries inside.
+template <typename src_t, typename dst_t>
+void write_index_kernel(const WriteArgs& a, const src_t* key, const src_t* value,
+                        dst_t* key_cache, dst_t* value_cache, const int64_t* index) {
+  const CpuKernels<WriteIndexFn<src_t, dst_t>> kernels{write_index_heads_baseline<src_t, dst_t>,
+                                                       write_index_heads_avx2<src_t, dst_t>,
+                                                       write_index_heads_avx512<src_t, dst_t>};
+  const WriteIndexFn<src_t, dst_t> run = kernels.pick();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.entries * a.dim));
   at::parallel_for(0, a.batch * a.kv_heads, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
-      const src_t* kb = key + b * a.key.s0 + h * a.key.s1;
-      const src_t* vb = value + b * a.value.s0 + h * a.value.s1;
-      const int64_t* slots = a.slots + b * a.entries;
-      const int64_t* idx = index + b * a.entries;
-      int64_t run = 1;
-      for (int64_t k = 0; k < a.entries; k += run) {
-        const int64_t slot = slots[k], src = idx[k];
-        run = 1;
-        if (slot < 0 || slot >= a.num_slots || src < 0 || src >= a.tokens) continue;
-        const int64_t block = slot / a.block_size, offset = slot % a.block_size;
-        if (rows_contiguous) {
-          while (k + run < a.entries && slots[k + run] == slot + run &&
-                 idx[k + run] == src + run && offset + run < a.block_size &&
-                 src + run < a.tokens)
-            ++run;
-        }
-        // `run` rows, contiguous on both sides when run > 1.
-        copy_row(kb + src * a.key.s2, a.key.s3,
-                 key_cache + block * a.key_cache.s0 + offset * a.key_cache.s1 +
-                     h * a.key_cache.s2,
-                 a.key_cache.s3, run * a.dim);
-        copy_row(vb + src * a.value.s2, a.value.s3,
-                 value_cache + block * a.value_cache.s0 + offset * a.value_cache.s1 +
-                     h * a.value_cache.s2,
-                 a.value_cache.s3, run * a.dim);
-      }
-    }
+    run(a, key, value, key_cache, value_cache, index, begin, end);
   });
 }
 

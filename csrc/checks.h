@@ -322,4 +322,71 @@ inline void check_write_compressed_kv_args(const at::Tensor& key_cache,
   check_write_compressed_kv_memory(key_cache, value_cache, key, value, weights);
 }
 
+// ---- write_compressed_kv_layers(key_caches[L], value_caches[L], keys[L], values[L], slot_mapping,
+//                                 weights | index): write_compressed_kv for every layer, with one
+// slot_mapping and index/weights for all. Each layer passes write_compressed_kv's checks (its
+// messages are prefixed with the layer), every layer has layer 0's shapes, strides and dtypes
+// (the kernels take one set of sizes), and no layer's cache shares memory with another layer's
+// cache, key or value (the layers are written in parallel).
+template <typename Error>
+[[noreturn]] inline void rethrow_for_layer(const Error& error, size_t layer) {
+  throw Error(c10::SourceLocation{__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+              "write_compressed_kv_layers: layer " + std::to_string(layer) + ": " +
+                  error.what_without_backtrace());
+}
+
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
+}
+
+inline void check_write_compressed_kv_layers_args(at::TensorList key_caches, at::TensorList value_caches,
+                                                  at::TensorList keys, at::TensorList values,
+                                                  const at::Tensor& slot_mapping,
+                                                  const std::optional<at::Tensor>& weights,
+                                                  const std::optional<at::Tensor>& index) {
+  constexpr const char* op = "write_compressed_kv_layers";
+  const size_t layers = keys.size();
+  TORCH_CHECK_VALUE(layers > 0, op, ": keys must hold at least one layer, got an empty list");
+  TORCH_CHECK_VALUE(values.size() == layers && key_caches.size() == layers && value_caches.size() == layers, op,
+                    ": key_caches, value_caches, keys and values must hold one tensor per layer, got ",
+                    key_caches.size(), ", ", value_caches.size(), ", ", keys.size(), " and ", values.size());
+  for (size_t l = 0; l < layers; ++l) {
+    try {
+      check_write_compressed_kv_args(key_caches[l], value_caches[l], keys[l], values[l], slot_mapping, weights,
+                                     index);
+    } catch (const c10::TypeError& error) {
+      rethrow_for_layer(error, l);
+    } catch (const c10::ValueError& error) {
+      rethrow_for_layer(error, l);
+    }
+  }
+  const std::pair<at::TensorList, const char*> lists[] = {
+      {key_caches, "key_caches"}, {value_caches, "value_caches"}, {keys, "keys"}, {values, "values"}};
+  for (const auto& [list, name] : lists) {
+    for (size_t l = 1; l < layers; ++l) {
+      TORCH_CHECK_VALUE(same_layout(list[l], list[0]), op, ": ", name, "[", l,
+                        "] must have the shape, strides and dtype of ", name, "[0] (", shape_str(list[0]),
+                        ", strides ", list[0].strides(), ", ", dtype_name(list[0].scalar_type()), "), got ",
+                        shape_str(list[l]), ", strides ", list[l].strides(), ", ",
+                        dtype_name(list[l].scalar_type()), "; call write_compressed_kv per layer for layers "
+                        "that differ");
+    }
+  }
+  // Another layer's tensors: written caches against every tensor of the other layers. Separate
+  // allocations (or slices of one stacked tensor) never share bytes; interleaved views of one
+  // tensor are accepted when no element is shared (caches_overlap's layout test).
+  for (size_t l = 0; l < layers; ++l) {
+    for (const auto& [cache_list, cache_name] : {lists[0], lists[1]}) {
+      for (size_t other = 0; other < layers; ++other) {
+        if (other == l) continue;
+        for (const auto& [list, name] : lists) {
+          TORCH_CHECK_VALUE(!caches_overlap(cache_list[l], list[other]), op, ": ", cache_name, "[", l,
+                            "] shares memory with ", name, "[", other,
+                            "]: every layer needs caches of its own, apart from every layer's key and value");
+        }
+      }
+    }
+  }
+}
+
 }  // namespace etc_ext

@@ -35,4 +35,12 @@ void write_compressed_kv_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
                              const std::optional<at::Tensor>& weights,
                              const std::optional<at::Tensor>& index);
 
+// write_compressed_kv for every layer at once: lists of L tensors of one layout each, one
+// slot_mapping and weights/index for all layers
+void write_compressed_kv_layers_cpu(at::TensorList key_caches, at::TensorList value_caches,
+                                    at::TensorList keys, at::TensorList values,
+                                    const at::Tensor& slot_mapping,
+                                    const std::optional<at::Tensor>& weights,
+                                    const std::optional<at::Tensor>& index);
+
 }  // namespace etc_ext

@@ -26,12 +26,20 @@ TORCH_LIBRARY(etc_ext, m) {
   m.def(
       "write_compressed_kv(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor key, "
       "Tensor value, Tensor slot_mapping, *, Tensor? weights=None, Tensor? index=None) -> ()");
+  // write_compressed_kv for the L layers of a cache in one call (ETC's compaction after the
+  // prefill), with one slot_mapping and weights/index for all layers; every layer has the
+  // shapes, strides and dtypes of layer 0.
+  m.def(
+      "write_compressed_kv_layers(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
+      "Tensor[] keys, Tensor[] values, Tensor slot_mapping, *, Tensor? weights=None, "
+      "Tensor? index=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
   m.impl("cross_attn_scores", &etc_ext::cross_attn_scores_cpu);
   m.impl("weighted_aggregate", &etc_ext::weighted_aggregate_cpu);
   m.impl("write_compressed_kv", &etc_ext::write_compressed_kv_cpu);
+  m.impl("write_compressed_kv_layers", &etc_ext::write_compressed_kv_layers_cpu);
 }
 
 // The Python module etc_ext._C: importing it loads this library and registers the ops.

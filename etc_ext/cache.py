@@ -2,8 +2,8 @@
 
 ETC keeps the prefix and the compression tokens of each image and drops its visual tokens
 from every layer's cache. These helpers do that for all layers with one validation and one
-`write_compressed_kv(index=...)` call per layer (no per-layer checks, no Python loop of
-index_select/gather calls):
+`write_compressed_kv_layers(index=...)` call (per-layer `write_compressed_kv` calls where
+the layers' layouts differ; no Python loop of index_select/gather calls):
 
 - :func:`compact_kv_layers` on a plain list of per-layer `(key, value)` tensors
   `(B, Hkv, L, D)`, returns the compacted list `(B, Hkv, K, D)`;
@@ -80,8 +80,9 @@ def _check_pairs(pairs: Sequence[tuple], what: str) -> None:
 
 
 def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots: bool = False) -> list:
-    """The per-layer loop, after validation: one op call per layer, no checks. With `empty_slots`, -1 entries of
-    keep_index leave zeros."""
+    """The compaction after validation, no checks: one `write_compressed_kv_layers` call for all layers when they
+    share one layout (a model's cache does), else one `write_compressed_kv` call per layer. With `empty_slots`, -1
+    entries of keep_index leave zeros."""
     batch, kept = keep_index.shape
     # The new (B, Hkv, K, D) tensor seen as a paged cache (B, K, Hkv, D): slot = b * K + k.
     slots = torch.arange(batch * kept, device=keep_index.device).view(batch, kept)
@@ -89,16 +90,29 @@ def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots
         slots = torch.where(keep_index >= 0, slots, -1)
         keep_index = keep_index.clamp_min(0)
     allocate = torch.Tensor.new_zeros if empty_slots else torch.Tensor.new_empty
-    write = torch.ops.etc_ext.write_compressed_kv.default
-    out = []
+    out, new_keys, new_values, keys, values = [], [], [], [], []
     for key, value in pairs:
         b, heads, _, dim = key.shape
         new_key = allocate(key, (b, heads, kept, dim))
         new_value = allocate(value, (b, heads, kept, dim))
-        # detach: a cache is never differentiated through its compaction (the op is not differentiable).
-        write(new_key.transpose(1, 2), new_value.transpose(1, 2), key.detach(), value.detach(), slots, index=keep_index)
         out.append((new_key, new_value))
+        new_keys.append(new_key.transpose(1, 2))
+        new_values.append(new_value.transpose(1, 2))
+        # detach: a cache is never differentiated through its compaction (the op is not differentiable).
+        keys.append(key.detach())
+        values.append(value.detach())
+    if _one_layout(keys) and _one_layout(values):
+        torch.ops.etc_ext.write_compressed_kv_layers.default(new_keys, new_values, keys, values, slots, index=keep_index)
+    else:
+        write = torch.ops.etc_ext.write_compressed_kv.default
+        for layer in zip(new_keys, new_values, keys, values):
+            write(*layer, slots, index=keep_index)
     return out
+
+
+def _one_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype for t in tensors)
 
 
 def compact_kv_layers(

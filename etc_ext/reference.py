@@ -6,7 +6,7 @@ They materialize every intermediate (for example the [B, H, T, N] attention prob
 which is exactly what the fused kernels avoid.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ __all__ = [
     "aggregation_weights",
     "weighted_aggregate",
     "write_compressed_kv",
+    "write_compressed_kv_layers",
 ]
 
 
@@ -189,3 +190,21 @@ def write_compressed_kv(
     blocks, offsets = slots // block_size, slots % block_size
     key_cache[blocks, offsets] = new_keys.transpose(1, 2)[write].to(key_cache.dtype)
     value_cache[blocks, offsets] = new_values.transpose(1, 2)[write].to(value_cache.dtype)
+
+
+def write_compressed_kv_layers(
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    slot_mapping: torch.Tensor,
+    *,
+    weights: Optional[torch.Tensor] = None,
+    index: Optional[torch.Tensor] = None,
+) -> None:
+    """`write_compressed_kv` for every layer l: `key_caches[l]`, `value_caches[l]` from `keys[l]`, `values[l]`,
+    with the same `slot_mapping` and `weights` / `index` for all layers, in place."""
+    if not (len(key_caches) == len(value_caches) == len(keys) == len(values)):
+        raise ValueError("write_compressed_kv_layers: key_caches, value_caches, keys and values must hold one tensor per layer")
+    for key_cache, value_cache, key, value in zip(key_caches, value_caches, keys, values):
+        write_compressed_kv(key_cache, value_cache, key, value, slot_mapping, weights=weights, index=index)

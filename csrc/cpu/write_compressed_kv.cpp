@@ -132,17 +132,32 @@ ETC_EXT_TARGET_AVX512 void write_index_heads_avx512(const WriteArgs& a, const sr
   write_index_heads<IsaAvx512>(a, key, value, key_cache, value_cache, index, begin, end);
 }
 
-// Parallel over (b, h), the entries inside.
+// The pointers of one layer.
 template <typename src_t, typename dst_t>
-void write_index_kernel(const WriteArgs& a, const src_t* key, const src_t* value,
-                        dst_t* key_cache, dst_t* value_cache, const int64_t* index) {
+struct LayerData {
+  const src_t* key;
+  const src_t* value;
+  dst_t* key_cache;
+  dst_t* value_cache;
+};
+
+// Parallel over (layer, b, h), the entries inside: the layers of a compaction are one loop.
+template <typename src_t, typename dst_t>
+void write_index_kernel(const WriteArgs& a, const std::vector<LayerData<src_t, dst_t>>& layers,
+                        const int64_t* index) {
   const CpuKernels<WriteIndexFn<src_t, dst_t>> kernels{write_index_heads_baseline<src_t, dst_t>,
                                                        write_index_heads_avx2<src_t, dst_t>,
                                                        write_index_heads_avx512<src_t, dst_t>};
   const WriteIndexFn<src_t, dst_t> run = kernels.pick();
+  const int64_t heads = a.batch * a.kv_heads;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.entries * a.dim));
-  at::parallel_for(0, a.batch * a.kv_heads, grain, [&](int64_t begin, int64_t end) {
-    run(a, key, value, key_cache, value_cache, index, begin, end);
+  at::parallel_for(0, static_cast<int64_t>(layers.size()) * heads, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {  // the part of [begin, end) in one layer at a time
+      const int64_t layer = begin / heads, stop = std::min(end, (layer + 1) * heads);
+      const LayerData<src_t, dst_t>& d = layers[layer];
+      run(a, d.key, d.value, d.key_cache, d.value_cache, index, begin - layer * heads, stop - layer * heads);
+      begin = stop;
+    }
   });
 }
 
@@ -186,6 +201,45 @@ void write_weights_kernel(const WriteArgs& a, const at::Tensor& key, const at::T
   });
 }
 
+// Both ops: the layers share one layout (checked), so one WriteArgs describes them all.
+void write_layers_cpu(at::TensorList key_caches, at::TensorList value_caches, at::TensorList keys,
+                      at::TensorList values, const at::Tensor& slot_mapping,
+                      const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
+  const at::Tensor& key = keys[0];
+  const at::Tensor& key_cache = key_caches[0];
+  TORCH_INTERNAL_ASSERT(key.device().is_cpu());
+  const at::Tensor slots = slot_mapping.contiguous();
+  WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3), slot_mapping.size(1),
+                 key_cache.size(1), key_cache.size(0) * key_cache.size(1), strides_of(key),
+                 strides_of(values[0]), strides_of(key_cache), strides_of(value_caches[0]),
+                 slots.data_ptr<int64_t>()};
+  if (args.batch * args.entries == 0 || args.kv_heads * args.dim == 0) return;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
+                                  "write_compressed_kv_cpu", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
+                                    "write_compressed_kv_cpu_cache", [&] {
+      using dst_t = scalar_t;
+      if (index.has_value()) {
+        std::vector<LayerData<src_t, dst_t>> layers;
+        for (size_t l = 0; l < keys.size(); ++l) {
+          layers.push_back({keys[l].data_ptr<src_t>(), values[l].data_ptr<src_t>(),
+                            key_caches[l].data_ptr<dst_t>(), value_caches[l].data_ptr<dst_t>()});
+        }
+        const at::Tensor idx = index->contiguous();
+        write_index_kernel<src_t, dst_t>(args, layers, idx.data_ptr<int64_t>());
+      } else {
+        // Each layer's merge is GEMMs parallel over (b, h) already.
+        for (size_t l = 0; l < keys.size(); ++l) {
+          write_weights_kernel<src_t, dst_t>(args, keys[l], values[l], key_caches[l].data_ptr<dst_t>(),
+                                             value_caches[l].data_ptr<dst_t>(), *weights);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 void write_compressed_kv_cpu(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
@@ -197,31 +251,18 @@ void write_compressed_kv_cpu(at::Tensor& key_cache,    // [num_blocks, block_siz
                              const std::optional<at::Tensor>& index) {  // int64 [B, K]
   check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
                                  index);
-  TORCH_INTERNAL_ASSERT(key.device().is_cpu());
-  const at::Tensor slots = slot_mapping.contiguous();
-  WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3), slot_mapping.size(1),
-                 key_cache.size(1), key_cache.size(0) * key_cache.size(1), strides_of(key),
-                 strides_of(value), strides_of(key_cache), strides_of(value_cache),
-                 slots.data_ptr<int64_t>()};
-  if (args.batch * args.entries == 0 || args.kv_heads * args.dim == 0) return;
+  write_layers_cpu({key_cache}, {value_cache}, {key}, {value}, slot_mapping, weights, index);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
-                                  "write_compressed_kv_cpu", [&] {
-    using src_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
-                                    "write_compressed_kv_cpu_cache", [&] {
-      using dst_t = scalar_t;
-      if (index.has_value()) {
-        const at::Tensor idx = index->contiguous();
-        write_index_kernel<src_t, dst_t>(args, key.data_ptr<src_t>(), value.data_ptr<src_t>(),
-                                         key_cache.data_ptr<dst_t>(),
-                                         value_cache.data_ptr<dst_t>(), idx.data_ptr<int64_t>());
-      } else {
-        write_weights_kernel<src_t, dst_t>(args, key, value, key_cache.data_ptr<dst_t>(),
-                                           value_cache.data_ptr<dst_t>(), *weights);
-      }
-    });
-  });
+void write_compressed_kv_layers_cpu(at::TensorList key_caches,    // L x [num_blocks, block_size, Hkv, D]
+                                    at::TensorList value_caches,  // L x [num_blocks, block_size, Hkv, D]
+                                    at::TensorList keys,          // L x [B, Hkv, N, D]
+                                    at::TensorList values,        // L x [B, Hkv, N, D]
+                                    const at::Tensor& slot_mapping,            // int64 [B, K]
+                                    const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
+                                    const std::optional<at::Tensor>& index) {  // int64 [B, K]
+  check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index);
+  write_layers_cpu(key_caches, value_caches, keys, values, slot_mapping, weights, index);
 }
 
 }  // namespace etc_ext

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -36,15 +37,30 @@ struct WriteArgs {
   Strides4 key, value, key_cache, value_cache;
 };
 
-// grid: (B * K, ceil(Hkv * D / kThreads)); thread (h, d) of entry (b, k) copies one element
-// of key and of value.
+// The data pointers of up to kMaxLayers layers, passed by value (2 KiB of the 4 KiB of kernel
+// parameters): a launch writes every layer (blockIdx.z) without a table copied to the device,
+// so it stays capturable in a CUDA graph. The layers share one WriteArgs (checked).
+constexpr int kMaxLayers = 64;
+template <typename src_t, typename dst_t>
+struct LayerPointers {
+  const src_t* key[kMaxLayers];
+  const src_t* value[kMaxLayers];
+  dst_t* key_cache[kMaxLayers];
+  dst_t* value_cache[kMaxLayers];
+};
+
+// grid: (B * K, ceil(Hkv * D / kThreads), layers); thread (h, d) of entry (b, k) copies one
+// element of key and of value of layer blockIdx.z.
 template <typename src_t, typename dst_t>
 __global__ void __launch_bounds__(kThreads)
-    write_index_kernel(const src_t* __restrict__ key, const src_t* __restrict__ value,
-                       dst_t* __restrict__ key_cache, dst_t* __restrict__ value_cache,
+    write_index_kernel(const __grid_constant__ LayerPointers<src_t, dst_t> layers,
                        const int64_t* __restrict__ slots,  // [B, K] contiguous
                        const int64_t* __restrict__ index,  // [B, K] contiguous
                        WriteArgs a) {
+  const src_t* __restrict__ key = layers.key[blockIdx.z];
+  const src_t* __restrict__ value = layers.value[blockIdx.z];
+  dst_t* __restrict__ key_cache = layers.key_cache[blockIdx.z];
+  dst_t* __restrict__ value_cache = layers.value_cache[blockIdx.z];
   const int64_t e = blockIdx.x;
   const int64_t hd = int64_t(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t slot = slots[e], src = index[e];
@@ -61,15 +77,19 @@ __global__ void __launch_bounds__(kThreads)
       value[b * a.value.s0 + h * a.value.s1 + src * a.value.s2 + d * a.value.s3]));
 }
 
-// grid: (B * K, ceil(Hkv * D / kThreads)); thread (h, d) of entry (b, k) accumulates
-// sum_n weights[b, k, n] * key[b, h, n, d] (and value) over tiles of weights in shared memory.
+// grid: (B * K, ceil(Hkv * D / kThreads), layers); thread (h, d) of entry (b, k) accumulates
+// sum_n weights[b, k, n] * key[b, h, n, d] (and value) of layer blockIdx.z over tiles of
+// weights in shared memory.
 template <typename src_t, typename dst_t>
 __global__ void __launch_bounds__(kThreads)
-    write_weights_kernel(const src_t* __restrict__ key, const src_t* __restrict__ value,
-                         dst_t* __restrict__ key_cache, dst_t* __restrict__ value_cache,
+    write_weights_kernel(const __grid_constant__ LayerPointers<src_t, dst_t> layers,
                          const int64_t* __restrict__ slots,  // [B, K] contiguous
                          const float* __restrict__ weights, Strides4 w_stride, WriteArgs a) {
   using acc_t = at::opmath_type<src_t>;
+  const src_t* __restrict__ key = layers.key[blockIdx.z];
+  const src_t* __restrict__ value = layers.value[blockIdx.z];
+  dst_t* __restrict__ key_cache = layers.key_cache[blockIdx.z];
+  dst_t* __restrict__ value_cache = layers.value_cache[blockIdx.z];
   __shared__ float w_tile[kWeightTile];
   const int64_t e = blockIdx.x;
   const int64_t slot = slots[e];
@@ -117,6 +137,59 @@ __global__ void __launch_bounds__(kThreads)
               d * a.value_cache.s3] = static_cast<dst_t>(acc_v);
 }
 
+// Both ops: the layers share one layout (checked), so one WriteArgs describes them all; one
+// launch per kMaxLayers layers.
+void write_layers_cuda(at::TensorList key_caches, at::TensorList value_caches, at::TensorList keys,
+                       at::TensorList values, const at::Tensor& slot_mapping,
+                       const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
+  const at::Tensor& key = keys[0];
+  const at::Tensor& key_cache = key_caches[0];
+  TORCH_INTERNAL_ASSERT(key.is_cuda());
+  const c10::cuda::CUDAGuard device_guard(key.device());
+  const at::Tensor slots = slot_mapping.contiguous();
+  const WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3),
+                       slot_mapping.size(1), key_cache.size(1),
+                       key_cache.size(0) * key_cache.size(1), strides_of(key),
+                       strides_of(values[0]), strides_of(key_cache), strides_of(value_caches[0])};
+  const int64_t entries = args.batch * args.entries, elems = args.kv_heads * args.dim;
+  if (entries == 0 || elems == 0) return;
+  TORCH_CHECK(entries <= std::numeric_limits<int32_t>::max() && (elems + kThreads - 1) / kThreads <= 65535,
+              "write_compressed_kv: too many entries or Hkv * D for one launch (B * K = ",
+              entries, ", Hkv * D = ", elems, ")");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t num_layers = static_cast<int64_t>(keys.size());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
+                                  "write_compressed_kv_cuda", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
+                                    "write_compressed_kv_cuda_cache", [&] {
+      using dst_t = scalar_t;
+      const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
+      for (int64_t first = 0; first < num_layers; first += kMaxLayers) {
+        const int64_t count = std::min<int64_t>(kMaxLayers, num_layers - first);
+        LayerPointers<src_t, dst_t> layers{};
+        for (int64_t l = 0; l < count; ++l) {
+          layers.key[l] = keys[first + l].data_ptr<src_t>();
+          layers.value[l] = values[first + l].data_ptr<src_t>();
+          layers.key_cache[l] = key_caches[first + l].data_ptr<dst_t>();
+          layers.value_cache[l] = value_caches[first + l].data_ptr<dst_t>();
+        }
+        const dim3 grid(entries, (elems + kThreads - 1) / kThreads, count);
+        if (index.has_value()) {
+          write_index_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
+              layers, slots.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), args);
+        } else {
+          const Strides4 w_stride{weights->stride(0), weights->stride(1), weights->stride(2), 0};
+          write_weights_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
+              layers, slots.data_ptr<int64_t>(), weights->data_ptr<float>(), w_stride, args);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+}
+
 }  // namespace
 
 void write_compressed_kv_cuda(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
@@ -128,47 +201,23 @@ void write_compressed_kv_cuda(at::Tensor& key_cache,    // [num_blocks, block_si
                               const std::optional<at::Tensor>& index) {  // int64 [B, K]
   check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
                                  index);
-  TORCH_INTERNAL_ASSERT(key.is_cuda());
-  const c10::cuda::CUDAGuard device_guard(key.device());
-  const at::Tensor slots = slot_mapping.contiguous();
-  const WriteArgs args{key.size(0), key.size(1), key.size(2), key.size(3),
-                       slot_mapping.size(1), key_cache.size(1),
-                       key_cache.size(0) * key_cache.size(1), strides_of(key),
-                       strides_of(value), strides_of(key_cache), strides_of(value_cache)};
-  const int64_t entries = args.batch * args.entries, elems = args.kv_heads * args.dim;
-  if (entries == 0 || elems == 0) return;
-  const dim3 grid(entries, (elems + kThreads - 1) / kThreads);
-  TORCH_CHECK(entries <= std::numeric_limits<int32_t>::max() && grid.y <= 65535,
-              "write_compressed_kv: too many entries or Hkv * D for one launch (B * K = ",
-              entries, ", Hkv * D = ", elems, ")");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  write_layers_cuda({key_cache}, {value_cache}, {key}, {value}, slot_mapping, weights, index);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(),
-                                  "write_compressed_kv_cuda", [&] {
-    using src_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_cache.scalar_type(),
-                                    "write_compressed_kv_cuda_cache", [&] {
-      using dst_t = scalar_t;
-      if (index.has_value()) {
-        const at::Tensor idx = index->contiguous();
-        write_index_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
-            key.data_ptr<src_t>(), value.data_ptr<src_t>(), key_cache.data_ptr<dst_t>(),
-            value_cache.data_ptr<dst_t>(), slots.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
-            args);
-      } else {
-        const Strides4 w_stride{weights->stride(0), weights->stride(1), weights->stride(2), 0};
-        write_weights_kernel<src_t, dst_t><<<grid, kThreads, 0, stream>>>(
-            key.data_ptr<src_t>(), value.data_ptr<src_t>(), key_cache.data_ptr<dst_t>(),
-            value_cache.data_ptr<dst_t>(), slots.data_ptr<int64_t>(),
-            weights->data_ptr<float>(), w_stride, args);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+void write_compressed_kv_layers_cuda(at::TensorList key_caches,    // L x [num_blocks, block_size, Hkv, D]
+                                     at::TensorList value_caches,  // L x [num_blocks, block_size, Hkv, D]
+                                     at::TensorList keys,          // L x [B, Hkv, N, D]
+                                     at::TensorList values,        // L x [B, Hkv, N, D]
+                                     const at::Tensor& slot_mapping,            // int64 [B, K]
+                                     const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
+                                     const std::optional<at::Tensor>& index) {  // int64 [B, K]
+  check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index);
+  write_layers_cuda(key_caches, value_caches, keys, values, slot_mapping, weights, index);
 }
 
 TORCH_LIBRARY_IMPL(etc_ext, CUDA, m) {
   m.impl("write_compressed_kv", &write_compressed_kv_cuda);
+  m.impl("write_compressed_kv_layers", &write_compressed_kv_layers_cuda);
 }
 
 }  // namespace etc_ext

@@ -184,3 +184,36 @@ def check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapp
         check_shape(weights, (batch, entries, tokens), op, "weights", "[B, K, N]")
         check_dtype(weights, torch.float32, op, "weights")
         check_same_device(weights, key, op, "weights", "key")
+
+
+def check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index) -> None:
+    """write_compressed_kv's checks for every layer (prefixed with the layer), and the layers' common layout."""
+    op = "write_compressed_kv_layers"
+    lists = {"key_caches": key_caches, "value_caches": value_caches, "keys": keys, "values": values}
+    for name, tensors in lists.items():
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"{op}: {name} must be a list of tensors (one per layer), got {type(tensors).__name__}")
+    layers = len(keys)
+    torch._check_value(layers > 0, lambda: f"{op}: keys must hold at least one layer, got an empty list")
+    torch._check_value(
+        len(values) == layers and len(key_caches) == layers and len(value_caches) == layers,
+        lambda: f"{op}: key_caches, value_caches, keys and values must hold one tensor per layer, got "
+        f"{len(key_caches)}, {len(value_caches)}, {len(keys)} and {len(values)}",
+    )
+    for layer in range(layers):
+        try:
+            check_write_compressed_kv_args(
+                key_caches[layer], value_caches[layer], keys[layer], values[layer], slot_mapping, weights, index
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{op}: layer {layer}: {error}") from None
+    for name, tensors in lists.items():
+        first = tensors[0]
+        for layer in range(1, layers):
+            t = tensors[layer]
+            torch._check_value(
+                t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype,
+                lambda: f"{op}: {name}[{layer}] must have the shape, strides and dtype of {name}[0] ({shape(first)}, "
+                f"strides {list(first.stride())}, {first.dtype}), got {shape(t)}, strides {list(t.stride())}, "
+                f"{t.dtype}; call write_compressed_kv per layer for layers that differ",
+            )

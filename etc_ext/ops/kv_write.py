@@ -1,18 +1,19 @@
-"""`write_compressed_kv`: the op's wrapper (with the data-dependent checks of slots and indices) and its fake
-(meta) implementation. The op writes in place and has no autograd (it is not differentiable).
+"""`write_compressed_kv` and `write_compressed_kv_layers` (the same for every layer of a cache in one call): the ops'
+wrappers (with the data-dependent checks of slots and indices) and their fake (meta) implementations. The ops write
+in place and have no autograd (they are not differentiable).
 
 The kernels are csrc/cpu/write_compressed_kv.cpp and csrc/cuda/write_compressed_kv.cu, their checks csrc/checks.h
 (structure, and memory: no overlap between the written and the read tensors); the pure-PyTorch reference is
 `etc_ext.reference.write_compressed_kv`.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import checks
 
-__all__ = ["write_compressed_kv"]
+__all__ = ["write_compressed_kv", "write_compressed_kv_layers"]
 
 
 def _first_bad(bad: torch.Tensor) -> tuple:
@@ -98,4 +99,45 @@ def write_compressed_kv(
 @torch.library.register_fake("etc_ext::write_compressed_kv")
 def _write_compressed_kv_fake(key_cache, value_cache, key, value, slot_mapping, *, weights=None, index=None):
     checks.check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+    return None
+
+
+def write_compressed_kv_layers(
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    slot_mapping: torch.Tensor,
+    *,
+    weights: Optional[torch.Tensor] = None,
+    index: Optional[torch.Tensor] = None,
+    check: bool = True,
+) -> None:
+    """:func:`write_compressed_kv` for the L layers of a cache in one call, in place: for every layer l,
+    the entries of `keys[l]` / `values[l]` go to `key_caches[l]` / `value_caches[l]`, with one `slot_mapping` and
+    `weights` / `index` for all layers (ETC's compaction after the prefill keeps the same positions in every layer).
+
+    One launch (CUDA, up to 64 layers per launch) or one parallel loop over (layer, b, h) (CPU) instead of L calls,
+    and the slots and indices are validated once. Every layer must have the shapes, strides and dtypes of layer 0
+    (the caches of one model do); otherwise call :func:`write_compressed_kv` per layer. No layer's cache may share
+    memory with another layer's cache, key or value. Errors of one layer name it ("layer 3: ...") and nothing is
+    written.
+
+    Args:
+        key_caches, value_caches: L tensors `(num_blocks, block_size, Hkv, D)` (see write_compressed_kv).
+        keys, values: L tensors `(B, Hkv, N, D)`.
+        slot_mapping, weights, index, check: as in write_compressed_kv, shared by all layers.
+    """
+    key_caches, value_caches, keys, values = (list(t) for t in (key_caches, value_caches, keys, values))
+    if check and not torch.compiler.is_compiling():
+        checks.check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
+        _check_slots_and_indices(key_caches[0], keys[0], slot_mapping, index)
+    torch.ops.etc_ext.write_compressed_kv_layers.default(
+        key_caches, value_caches, keys, values, slot_mapping, weights=weights, index=index
+    )
+
+
+@torch.library.register_fake("etc_ext::write_compressed_kv_layers")
+def _write_compressed_kv_layers_fake(key_caches, value_caches, keys, values, slot_mapping, *, weights=None, index=None):
+    checks.check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
     return None

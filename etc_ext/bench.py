@@ -517,11 +517,12 @@ def plot_e2e(rows: list, path) -> None:
 
 
 def header_line(device: str) -> str:
-    from . import __version__
+    from . import __version__, ops
 
     return (
         f"etc_ext {__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible"
+        f"{platform.processor() or platform.machine()}, {_cpu_count()} CPUs visible, CPU kernels: "
+        f"{ops.cpu_capability()} (this CPU supports {', '.join(ops.supported_cpu_capabilities())})"
     )
 
 
@@ -549,6 +550,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per end-to-end run")
     parser.add_argument("--no-memory", action="store_true", help="skip the measured peak-memory probes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="ops section")
+    parser.add_argument("--cpu-capability", choices=("default", "avx2", "avx512"), default=None,
+                        help="instruction set of etc_ext's CPU kernels (default: the best this CPU supports)")
     parser.add_argument("--out", default="outputs/bench", help="folder of the JSON and PNG files")
 
 
@@ -557,10 +560,17 @@ def run(args, op_section=None) -> dict:
     `op_section(device, quick, with_memory, out)` returns the op rows (bench/run.py provides it)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_capability:
+        from . import ops
+
+        ops.set_cpu_capability(args.cpu_capability)
     print(header_line(args.device), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"header": header_line(args.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    from . import ops
+
+    results = {"header": header_line(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_capability": ops.cpu_capability()}  # fmt: skip
     if "ops" in args.sections:
         if op_section is None:
             print("\n[ops] skipped: the op benchmarks live in the source checkout's bench/ (python bench/run.py)")

@@ -80,3 +80,20 @@ def test_runner_writes_json(tmp_path, capsys):
     assert [r["method"] for r in data["projections"]][:2] == ["full", "ETC M=1"]
     assert data["paper"]["kv_full_mb"] == 223.5
     assert "[projections]" in capsys.readouterr().out
+
+
+def test_runner_reports_and_sets_the_cpu_kernels_instruction_set(tmp_path, capsys):
+    from etc_ext import ops
+
+    lowest = ops.supported_cpu_capabilities()[0]
+    before = ops.cpu_capability()
+    try:
+        bench.main(["--sections", "projections", "--out", str(tmp_path), "--cpu-capability", lowest],
+                   op_section=lambda *a: [])  # fmt: skip
+        data = json.loads((tmp_path / "bench.json").read_text())
+        assert data["cpu_capability"] == lowest == ops.cpu_capability()
+        assert f"CPU kernels: {lowest} (this CPU supports {', '.join(ops.supported_cpu_capabilities())})" in (
+            capsys.readouterr().out
+        )
+    finally:
+        ops.set_cpu_capability(before)

@@ -1,8 +1,10 @@
-// CPU kernel of cross_attn_scores. Work items are (query group, panel of query rows) pairs run
-// in parallel. Each item computes the transposed logits tile [N, P] = k . q_panel^T (P query
-// rows per panel) with a register-tiled micro-kernel into a per-thread buffer that stays in L2,
-// then a softmax pass vectorized across the panel's query rows that accumulates into the
-// thread's score rows. The [B, H, T, N] probabilities are never materialized.
+// CPU kernel of cross_attn_scores. Work items are (query group, slab of 32 query rows) pairs run
+// in parallel. For each panel of P query rows of its slab, an item computes the transposed
+// logits tile [N, P] = k . q_panel^T with a register-tiled micro-kernel into a per-thread
+// buffer that stays in L2, then a softmax pass vectorized across the panel's query rows that
+// accumulates into the thread's score rows. The [B, H, T, N] probabilities are never
+// materialized. The loops are templates on the instruction set (cpu_capability.h): P and the
+// micro-kernel's rows follow its vector width and register count.
 //
 // Why not BLAS: at inference shapes (T ~ 32 text queries, N ~ 576 keys per head) each head's
 // q.k^T is a skinny 32 x 576 x 128 product, and MKL packs k for every such call. Transposed,

@@ -200,7 +200,9 @@ void score_items(const ScoreProblem& p, int64_t begin, int64_t end, float* scrat
       score_panel<Isa, Tiles::kNarrowPanel>(p, group_idx, r0, scratch, acc);
       continue;
     }
-    for (int64_t r = r0; r < r1; r += Tiles::kWidePanel) score_panel<Isa, Tiles::kWidePanel>(p, group_idx, r, scratch, acc);
+    for (int64_t r = r0; r < r1; r += Tiles::kWidePanel) {
+      score_panel<Isa, Tiles::kWidePanel>(p, group_idx, r, scratch, acc);
+    }
   }
 }
 

@@ -24,8 +24,10 @@ inline float load_acc(const c10::BFloat16* p) {
   return out;
 }
 inline float load_acc(const c10::Half* p) {
-#if defined(__FLT16_MAX__)
-  _Float16 h;  // GCC >= 12 and Clang on x86-64/AArch64: converts with vcvtph2ps / fcvt
+#if defined(__FLT16_MAX__) && defined(__x86_64__)
+  // GCC >= 12 and Clang on x86-64: converts with vcvtph2ps. (GCC 12 defines __FLT16_MAX__ on
+  // AArch64 but has no _Float16 in C++ there: c10's conversion below.)
+  _Float16 h;
   std::memcpy(&h, p, sizeof(h));
   return static_cast<float>(h);
 #else

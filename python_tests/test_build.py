@@ -57,3 +57,16 @@ def test_cmake_build_and_cpp_example(tmp_path):
     result = subprocess.run([str(build / "cross_attn_scores_example")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max |op - ATen|" in result.stdout
+
+
+def test_cpu_kernels_compile_for_aarch64():
+    """scripts/check_aarch64_compile.sh: with an AArch64 cross compiler every CPU source compiles (the AVX2/AVX-512
+    entries become baseline copies there); without one the script names what to install."""
+    script = ROOT / "scripts" / "check_aarch64_compile.sh"
+    result = subprocess.run(["bash", str(script), sys.executable], capture_output=True, text=True)
+    if shutil.which("aarch64-linux-gnu-g++"):
+        assert result.returncode == 0, result.stderr
+        sources = list((ROOT / "csrc" / "cpu").glob("*.cpp")) + [ROOT / "csrc" / "torch_bindings.cpp"]
+        assert result.stdout.count("aarch64: compiled") == len(sources)
+    else:
+        assert result.returncode == 2 and "install an AArch64 cross compiler" in result.stderr

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import etc_ext  # noqa: E402,F401
 from etc_ext import ops, reference  # noqa: E402
-from etc_ext.cache import compact_kv_layers  # noqa: E402
+from etc_ext.cache import _check_keep_index, _check_pairs, compact_kv_layers  # noqa: E402
 from common import interleaved_min_ms  # noqa: E402
 
 # LLaVA-1.5-7B
@@ -93,7 +93,10 @@ def compact_ours(layers, keep):
 
 
 def compact_ours_per_layer(layers, keep):
-    """Our single-layer op called once per layer (what compaction ran before write_compressed_kv_layers)."""
+    """compact_kv_layers as it was before write_compressed_kv_layers: the same validation, then our single-layer op
+    called once per layer."""
+    _check_pairs(layers, "layers")
+    _check_keep_index(keep, keep.shape[0], [k.shape[2] for k, _ in layers], keep.device, check=True)
     batch, kept = keep.shape
     slots = torch.arange(batch * kept).view(batch, kept)
     write = torch.ops.etc_ext.write_compressed_kv.default

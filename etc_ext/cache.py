@@ -99,8 +99,8 @@ def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots
         new_keys.append(new_key.transpose(1, 2))
         new_values.append(new_value.transpose(1, 2))
         # detach: a cache is never differentiated through its compaction (the op is not differentiable).
-        keys.append(key.detach())
-        values.append(value.detach())
+        keys.append(key.detach() if key.requires_grad else key)
+        values.append(value.detach() if value.requires_grad else value)
     if _one_layout(keys) and _one_layout(values):
         torch.ops.etc_ext.write_compressed_kv_layers.default(new_keys, new_values, keys, values, slots, index=keep_index)
     else:

@@ -47,11 +47,14 @@ from .etc_hooks import user_embeddings
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 from .qwen3_vl_inputs import (
     MM_TEXT,
+    align_mm_token_type_ids,
     check_mm_token_type_ids,
     count_images,
     detached,
+    encode_visual_inputs,
     encode_with,
     flatten_features,
+    module_trains,
     scatter_features,
     select_images,
     span_grids,
@@ -183,24 +186,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
         return any(p is not None for p in pixels) or bool(visual_inputs["encoded"])
 
     def _etc_encode(self, pixel_inputs: dict, encoded: dict) -> tuple:
-        """The vision encoder's outputs for images and videos (as generate() made them, or from the pixels)."""
-        for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-            if pixel_inputs[pixels] is not None and encoded.get(modality) is not None:
-                raise ValueError(f"Pass either {pixels} or mm_encoder_outputs['{modality}'], not both")
-        image_outputs, video_outputs = encoded.get("image"), encoded.get("video")
-        if image_outputs is None and pixel_inputs["pixel_values"] is not None:
-            if pixel_inputs["image_grid_thw"] is None:
-                raise ValueError("ETC: pixel_values need image_grid_thw")
-            image_outputs = self.model.get_image_features(
-                pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"], return_dict=True
-            )
-        if video_outputs is None and pixel_inputs["pixel_values_videos"] is not None:
-            if pixel_inputs["video_grid_thw"] is None:
-                raise ValueError("ETC: pixel_values_videos need video_grid_thw")
-            video_outputs = self.model.get_video_features(
-                pixel_inputs["pixel_values_videos"], pixel_inputs["video_grid_thw"], return_dict=True
-            )
-        return image_outputs, video_outputs
+        return encode_visual_inputs(self.model, pixel_inputs, encoded)
 
     def _etc_num_images(self, visual_inputs: dict) -> int:
         return count_images(visual_inputs)
@@ -220,13 +206,8 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
     ) -> ETCQwen3VLInputs:  # fmt: skip
         """Vision features, the images' spans, M-RoPE positions, the extended layout, embeddings (the text's from
         `user_embeds` when the user gave inputs_embeds) and DeepStack."""
-        mm_token_type_ids, encoded = visual_inputs["mm_token_type_ids"], visual_inputs["encoded"]
-        if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] > input_ids.shape[1]:
-            mm_token_type_ids = mm_token_type_ids[..., -input_ids.shape[1] :]  # the whole conversation's
-        elif mm_token_type_ids is not None and mm_token_type_ids.shape[-1] < input_ids.shape[1]:
-            # generate() appends tokens (assisted decoding's candidates) without extending the types: text
-            missing = input_ids.shape[1] - mm_token_type_ids.shape[-1]
-            mm_token_type_ids = torch.nn.functional.pad(mm_token_type_ids, (0, missing), value=MM_TEXT)
+        mm_token_type_ids = align_mm_token_type_ids(visual_inputs["mm_token_type_ids"], input_ids.shape[1])
+        encoded = visual_inputs["encoded"]
         pixel_inputs = {name: visual_inputs[name] for name in PIXEL_INPUTS}
         image_mask = input_ids == self.config.image_token_id  # (B, L)
         video_mask = input_ids == self.config.video_token_id
@@ -292,14 +273,8 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
     def _etc_teacher_modules(self, peft_layers=None) -> dict:
         # The vision tower too when it (or its mergers) trains, or holds adapters: the teacher encodes with its own.
         modules = {"language_model": self.model.language_model}
-        visual = self.model.visual
-        if peft_layers is None:
-            trains = any(p.requires_grad for p in visual.parameters())
-        else:
-            visual_modules = set(visual.modules())
-            trains = any(layer in visual_modules for layer in peft_layers)
-        if trains:
-            modules["visual"] = visual
+        if module_trains(self.model.visual, peft_layers):
+            modules["visual"] = self.model.visual
         return modules
 
     def _etc_teacher_inputs(self, prepared: "ETCQwen3VLInputs", input_ids, modules: dict):

@@ -54,6 +54,45 @@ def _concat(outputs):
     return pooled, torch.stack([torch.cat(list(layer), dim=0) for layer in deepstack], dim=1)  # (n, K, H)
 
 
+def encode_visual_inputs(model, pixel_inputs: dict, encoded: dict) -> tuple:
+    """`(image_outputs, video_outputs)` of the vision encoder of `model` (a `Qwen3VLModel`): as generate() made them
+    (`encoded`), or from the pixels and grids."""
+    for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if pixel_inputs[pixels] is not None and encoded.get(modality) is not None:
+            raise ValueError(f"Pass either {pixels} or mm_encoder_outputs['{modality}'], not both")
+    image_outputs, video_outputs = encoded.get("image"), encoded.get("video")
+    if image_outputs is None and pixel_inputs["pixel_values"] is not None:
+        if pixel_inputs["image_grid_thw"] is None:
+            raise ValueError("ETC: pixel_values need image_grid_thw")
+        image_outputs = model.get_image_features(pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"],
+                                                 return_dict=True)  # fmt: skip
+    if video_outputs is None and pixel_inputs["pixel_values_videos"] is not None:
+        if pixel_inputs["video_grid_thw"] is None:
+            raise ValueError("ETC: pixel_values_videos need video_grid_thw")
+        video_outputs = model.get_video_features(pixel_inputs["pixel_values_videos"], pixel_inputs["video_grid_thw"],
+                                                 return_dict=True)  # fmt: skip
+    return image_outputs, video_outputs
+
+
+def align_mm_token_type_ids(mm_token_type_ids, length: int):
+    """`mm_token_type_ids` cut or padded to the last `length` columns: generate() passes the whole conversation's
+    types on a later turn, and appends tokens (assisted decoding's candidates) without extending them (text)."""
+    if mm_token_type_ids is None or mm_token_type_ids.shape[-1] == length:
+        return mm_token_type_ids
+    if mm_token_type_ids.shape[-1] > length:
+        return mm_token_type_ids[..., -length:]
+    missing = length - mm_token_type_ids.shape[-1]
+    return torch.nn.functional.pad(mm_token_type_ids, (0, missing), value=MM_TEXT)
+
+
+def module_trains(module: nn.Module, peft_layers=None) -> bool:
+    """Whether `module` has trainable parameters, or (with LoRA) holds any of `peft_layers`."""
+    if peft_layers is None:
+        return any(p.requires_grad for p in module.parameters())
+    inside = set(module.modules())
+    return any(layer in inside for layer in peft_layers)
+
+
 def flatten_features(image_outputs, video_outputs) -> VisualFeatures:
     image, image_deepstack = _concat(image_outputs)
     video, video_deepstack = _concat(video_outputs)

@@ -182,26 +182,13 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
         encoded = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
         has_images = pixel_values is not None or encoded is not None
         if state is not None:  # a compressed prefill: decoding, or a follow-up question / turn (text only)
-            if input_ids is None:
-                raise ValueError("baseline decoding needs input_ids")
-            cache_length = cache.get_seq_length()
-            input_ids, position_ids, _, new = new_tokens(cache, input_ids, attention_mask, position_ids)
-            if has_images and bool((input_ids == self.config.image_token_id).any()):  # (a generated id is text)
-                raise NotImplementedError(
-                    "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
-                    "cache for a prompt with new images"
-                )
-            mask, positions = state.decode_inputs(cache_length, new, attention_mask, position_ids)
-            base_kwargs.update(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=None,
-                mm_encoder_outputs=None,
-            )  # fmt: skip
+            base_kwargs.update(continuation_inputs(self, cache, state, input_ids, attention_mask, position_ids, has_images))
             return super().forward(**base_kwargs)
         image_token_mask = None if input_ids is None else input_ids == self.config.image_token_id
         if not has_images and (image_token_mask is None or not bool(image_token_mask.any())):
             return super().forward(**base_kwargs)  # text only: nothing to compress
 
-        self._baseline_check_inputs(input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs)
+        check_inputs(self, input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs)
         prefill = cache is not None or bool(use_cache)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("baseline: prefilling images into a non-empty cache is not supported")
@@ -235,20 +222,6 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
         return LlavaCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=cache if prefill else None, image_outputs=encoded
         )
-
-    def _baseline_check_inputs(self, input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs):
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError("baseline: needs input_ids (not inputs_embeds) to find the images")
-        if not has_images:
-            raise ValueError("baseline: input_ids contain image tokens but no pixel_values were given")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}"
-            )
-        self.baseline.implementation.check_call(self, vision_feature_layer)
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag):
-                raise NotImplementedError(f"baseline: {flag} is not supported with compression enabled")
 
     def _baseline_language_model(
         self, input_ids, features, image_token_mask, attention_mask, position_ids, labels, cache
@@ -294,3 +267,36 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
             use_cache=inputs.cache is not None,
         )
         return outputs.last_hidden_state, layout
+
+
+# ============================================================================ forward's helpers
+def continuation_inputs(model, cache, state, input_ids, attention_mask, position_ids, has_images) -> dict:
+    """The forward's arguments for the tokens a compressed cache does not hold yet (decoding, or a follow-up question
+    or turn without images): only those tokens, with the mask and positions mapped onto the compacted cache."""
+    if input_ids is None:
+        raise ValueError("baseline decoding needs input_ids")
+    cache_length = cache.get_seq_length()
+    input_ids, position_ids, _, new = new_tokens(cache, input_ids, attention_mask, position_ids)
+    if has_images and bool((input_ids == model.config.image_token_id).any()):  # (a generated id is text)
+        raise NotImplementedError(
+            "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
+            "cache for a prompt with new images"
+        )
+    mask, positions = state.decode_inputs(cache_length, new, attention_mask, position_ids)
+    return dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=None,
+                mm_encoder_outputs=None)  # fmt: skip
+
+
+def check_inputs(model, input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs) -> None:
+    """What a compressing forward needs: input_ids (the images are found by their placeholders), pixel values for
+    the placeholders, labels in the user's layout, a call the method supports, no hidden states / attentions."""
+    if input_ids is None or inputs_embeds is not None:
+        raise ValueError("baseline: needs input_ids (not inputs_embeds) to find the images")
+    if not has_images:
+        raise ValueError("baseline: input_ids contain image tokens but no pixel_values were given")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+    model.baseline.implementation.check_call(model, vision_feature_layer)
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag):
+            raise NotImplementedError(f"baseline: {flag} is not supported with compression enabled")

@@ -51,4 +51,7 @@ if __name__ == "__main__":
     if context.is_main:
         with open(sys.argv[1], "w") as f:
             json.dump(losses, f)
+    # Every rank's collectives are done before either tears the group down (a rank leaving while the other still
+    # communicated aborted a worker once, on a loaded machine).
+    torch.distributed.barrier()
     destroy_distributed(context)

@@ -33,6 +33,10 @@
 #include <limits>
 #include <type_traits>
 
+#if ETC_EXT_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 // Vector types wider than the baseline target's registers in internal functions: the ABI
 // note GCC prints for them does not concern us.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -124,8 +128,31 @@ inline typename Vec<double, kBytes>::type load_vec(const double* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+#if ETC_EXT_X86_DISPATCH
+// bf16 -> fp32 as one widening move and a shift at the AVX2 / AVX-512 width (GCC lowers the
+// generic __builtin_convertvector below to two 128-bit halves there).
+__attribute__((target("avx2"))) inline Vec<float, 32>::type bf16_to_float_avx2(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i bits = _mm256_slli_epi32(wide, 16);
+  Vec<float, 32>::type out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+__attribute__((target("avx512f"))) inline Vec<float, 64>::type bf16_to_float_avx512(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i bits = _mm512_slli_epi32(wide, 16);
+  Vec<float, 64>::type out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+#endif
+
 template <int kBytes>
 inline typename Vec<float, kBytes>::type load_vec(const c10::BFloat16* p) {
+#if ETC_EXT_X86_DISPATCH
+  if constexpr (kBytes == 32) return bf16_to_float_avx2(p);
+  if constexpr (kBytes == 64) return bf16_to_float_avx512(p);
+#endif
   using half_bits = typename VectorOf<uint16_t, kBytes / 2>::type;
   using float_bits = typename VectorOf<uint32_t, kBytes>::type;
   half_bits h;
@@ -135,10 +162,33 @@ inline typename Vec<float, kBytes>::type load_vec(const c10::BFloat16* p) {
   std::memcpy(&v, &wide, sizeof(v));
   return v;
 }
+#if ETC_EXT_X86_DISPATCH
+// fp16 -> fp32 with F16C / AVX-512's vcvtph2ps, for the AVX2 and AVX-512 entries (which have
+// those targets: `flatten` inlines these there). The integer path below costs ~3x more,
+// which made the memory-bound small-K case slower than eager on AVX2.
+__attribute__((target("avx,f16c"))) inline Vec<float, 32>::type half_to_float_f16c(const c10::Half* p) {
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  Vec<float, 32>::type out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+__attribute__((target("avx512f"))) inline Vec<float, 64>::type half_to_float_avx512(const c10::Half* p) {
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  Vec<float, 64>::type out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+#endif
+
 // fp16 -> fp32 with integer operations (exact, subnormals, inf and NaN included): GCC 12
-// does not vectorize _Float16 conversions, this vectorizes on any target.
+// does not vectorize _Float16 conversions, this vectorizes on any target. The AVX2 and
+// AVX-512 widths use the hardware conversion instead.
 template <int kBytes>
 inline typename Vec<float, kBytes>::type load_vec(const c10::Half* p) {
+#if ETC_EXT_X86_DISPATCH
+  if constexpr (kBytes == 32) return half_to_float_f16c(p);
+  if constexpr (kBytes == 64) return half_to_float_avx512(p);
+#endif
   using half_bits = typename VectorOf<uint16_t, kBytes / 2>::type;
   using float_bits = typename VectorOf<uint32_t, kBytes>::type;
   using float_mask = typename VectorOf<int32_t, kBytes>::type;

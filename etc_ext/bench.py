@@ -12,7 +12,7 @@ Three tables, each a list of row dicts (JSON-ready) and a formatter:
   `cross_attn_scores`) vs the same scores read from an eager model with `output_attentions=True`, measured on the
   tiny LLaVA in a fresh process, and `target_memory_projection()` for LLaVA-1.5-7B training shapes.
 - `projection_rows()`: `etc_ext.cost` for LLaVA-1.5-7B and Qwen3-VL-2B (real configs on the meta device), full vs
-  ETC M=1, next to the paper's 1024 -> 1 figures, and `PAPER_NOTES`, which explains the differences.
+  ETC M=1, next to the paper's 1024 -> 1 figures, and `paper_notes()`, which explains the differences.
 
     python -m etc_ext.bench [--quick] [--threads N] [--sections e2e memory projections] [--out DIR]
 
@@ -45,7 +45,7 @@ __all__ = [
     "projection_rows",
     "format_projections",
     "PAPER",
-    "PAPER_NOTES",
+    "paper_notes",
     "main",
 ]
 

@@ -97,3 +97,9 @@ def test_runner_reports_and_sets_the_cpu_kernels_instruction_set(tmp_path, capsy
         )
     finally:
         ops.set_cpu_capability(before)
+
+
+def test_every_public_name_exists():
+    """`from etc_ext.bench import *` works: every name in __all__ is defined."""
+    missing = [name for name in bench.__all__ if not hasattr(bench, name)]
+    assert missing == []

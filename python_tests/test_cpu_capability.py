@@ -79,8 +79,9 @@ def test_bad_environment_variable_is_a_clear_error():
 
 # ------------------------------------------------------------------ weighted_aggregate
 # (B, N, C, K): the streaming path (K <= 4) and the packed one (row blocks of 6 and 8 with remainders), token chunks
-# (N > 256), partial channel tiles and chunks.
-AGGREGATE_SHAPES = [(2, 7, 5, 1), (2, 577, 131, 3), (1, 300, 1100, 7), (3, 33, 257, 16), (1, 577, 96, 20)]
+# (N > 256), partial channel tiles and chunks, and two row groups (N = 3000: 24 rows of weights per group).
+AGGREGATE_SHAPES = [(2, 7, 5, 1), (2, 577, 131, 3), (1, 300, 1100, 7), (3, 33, 257, 16), (1, 577, 96, 20),
+                    (1, 3000, 40, 30)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", aggregate_tests.DTYPES + [torch.float64])

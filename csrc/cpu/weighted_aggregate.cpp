@@ -59,8 +59,10 @@ constexpr int64_t kChannelUnit = 32;
 constexpr int64_t kTokenChunk = 256;
 // Channel units per task, at most.
 constexpr int64_t kMaxUnitsPerTask = 16;
-// Softmax weights a thread keeps at once (256 KiB of float32): a group of rows x N.
+// Softmax weights a thread keeps at once (256 KiB of float32): a group of rows x N, the
+// group a multiple of kGroupRows (of every kRowBlock: 6 and 8), so no group ends in a part block.
 constexpr int64_t kWeightBufferFloats = int64_t{1} << 16;
+constexpr int64_t kGroupRows = 24;
 // Few rows (K <= kStreamRows) stream x instead of packing it; their accumulators stay
 // within kStreamAccBytes (L1).
 constexpr int kStreamRows = 4;
@@ -114,14 +116,9 @@ void softmax_row(const acc_t* __restrict__ logits, const acc_t* __restrict__ bia
   for (int64_t n = 0; n < tokens; ++n) w[n] *= inv;
 }
 
-// One vector of x[c:c+W] converted to the accumulation type. Fixed-size copies and
-// __builtin_convertvector: a plain copy loop would become a memmove call per tile row.
-template <int kBytes>
-inline typename Vec<float, kBytes>::type load_vec(const float* p) {
-  typename Vec<float, kBytes>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// One vector of x[c:c+W] converted to the accumulation type (float32 x never gets here: it
+// goes to BLAS). Fixed-size copies and __builtin_convertvector: a plain copy loop would
+// become a memmove call per tile row.
 template <int kBytes>
 inline typename Vec<double, kBytes>::type load_vec(const double* p) {
   typename Vec<double, kBytes>::type v;
@@ -513,7 +510,7 @@ void aggregate_converted(const at::Tensor& x,       // [B, N, C], stride(2) == 1
   p.chunk_cols = units_per_task * kChannelUnit;
   p.chunks_per_row = (units_per_row + units_per_task - 1) / units_per_task;
   p.group_rows = std::min<int64_t>(
-      p.rows, std::max<int64_t>(8, kWeightBufferFloats / p.tokens / 8 * 8));
+      p.rows, std::max<int64_t>(kGroupRows, kWeightBufferFloats / p.tokens / kGroupRows * kGroupRows));
 
   const CpuKernels<AggregateTasksFn<scalar_t>> kernels{
       aggregate_tasks_baseline<scalar_t>, aggregate_tasks_avx2<scalar_t>, aggregate_tasks_avx512<scalar_t>};

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .ops.checks import same_layout
+
 __all__ = ["compact_kv_layers", "compact_dynamic_cache", "ETCCacheState", "ETCCache"]
 
 _OP = "compact_kv"
@@ -101,18 +103,13 @@ def _compact_pairs(pairs: Sequence[tuple], keep_index: torch.Tensor, empty_slots
         # detach: a cache is never differentiated through its compaction (the op is not differentiable).
         keys.append(key.detach() if key.requires_grad else key)
         values.append(value.detach() if value.requires_grad else value)
-    if _one_layout(keys) and _one_layout(values):
+    if all(same_layout(t, ts[0]) for ts in (keys, values) for t in ts):
         torch.ops.etc_ext.write_compressed_kv_layers.default(new_keys, new_values, keys, values, slots, index=keep_index)
     else:
         write = torch.ops.etc_ext.write_compressed_kv.default
         for layer in zip(new_keys, new_values, keys, values):
             write(*layer, slots, index=keep_index)
     return out
-
-
-def _one_layout(tensors: Sequence[torch.Tensor]) -> bool:
-    first = tensors[0]
-    return all(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype for t in tensors)
 
 
 def compact_kv_layers(

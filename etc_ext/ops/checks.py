@@ -14,6 +14,11 @@ KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SCORE_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether t has the shape, strides and dtype of ref (csrc/checks.h's same_layout)."""
+    return t.shape == ref.shape and t.stride() == ref.stride() and t.dtype == ref.dtype
+
+
 def shape(t: torch.Tensor) -> list:
     return list(t.shape)
 
@@ -212,7 +217,7 @@ def check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values
         for layer in range(1, layers):
             t = tensors[layer]
             torch._check_value(
-                t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype,
+                same_layout(t, first),
                 lambda: f"{op}: {name}[{layer}] must have the shape, strides and dtype of {name}[0] ({shape(first)}, "
                 f"strides {list(first.stride())}, {first.dtype}), got {shape(t)}, strides {list(t.stride())}, "
                 f"{t.dtype}; call write_compressed_kv per layer for layers that differ",

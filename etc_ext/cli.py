@@ -5,6 +5,7 @@ etc-ext train --model DIR --data JSON --output DIR [--etc-config JSON] [--lora] 
 etc-ext eval  --model DIR --data JSON [--etc DIR] [--json [PATH]] ...                 accuracy, tokens, KV cache, times
 etc-ext demo  [--output DIR] [--json PATH]                                            the offline demo (table, plot)
 etc-ext bench [--quick] [--threads N] [--sections ...]                              benchmark tables, JSON, plots
+etc-ext export-vllm --model DIR [--etc DIR] --out DIR                                a folder vLLM serves (plugin)
 etc-ext <command> --help                                                             every option
 ```
 
@@ -167,6 +168,40 @@ def eval_command(subparsers) -> None:
             print(json.dumps(result, indent=1))
         else:
             print(f"wrote {args.json}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+
+
+@subcommand
+def export_vllm_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export-vllm",
+        help="write a model folder that vLLM serves with etc-ext's plugin (`vllm serve DIR`)",
+        description=(
+            "Export a LLaVA model, with or without ETC, for vLLM: the Hugging Face folder plus the compression "
+            "tokens and the settings etc-ext's vLLM plugin reads (M slots per image in the prompt and the KV cache, "
+            "ETC's positions). --model is a save_pretrained folder or the final/ folder of an `etc-ext train` run; "
+            "without ETC parts the folder serves the model without compression (N slots per image)."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model folder (or an ETC training run's final/ folder)")
+    parser.add_argument("--etc", help="folder of the ETC parts, when they are not in --model")
+    parser.add_argument("--base-model", help="base model folder of an ETC run, when training_info.json is stale")
+    parser.add_argument("--out", required=True, help="the folder to write (created; files of the same names replaced)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the written weights (default: float32)")  # fmt: skip
+
+    def handler(namespace) -> int:
+        import torch
+
+        from .vllm.export import export_for_vllm
+
+        settings = export_for_vllm(namespace.model, namespace.out, namespace.etc, getattr(torch, namespace.dtype),
+                                   base_model=namespace.base_model)  # fmt: skip
+        slots = settings["num_compression_tokens"] or settings["num_visual_tokens"]
+        print(f"wrote {namespace.out}: {slots} prompt and KV-cache slots per image "
+              f"({settings['num_visual_tokens']} visual tokens); serve it with `vllm serve {namespace.out}`")  # fmt: skip
         return 0
 
     parser.set_defaults(handler=handler)

@@ -3,6 +3,7 @@
 The folder is the Hugging Face LLaVA folder (`save_pretrained` of the base model with ETC's training parts left out,
 the processor and tokenizer), plus:
 - `etc_compression.safetensors`: `etc.compression_tokens.weight` `[M, hidden]` (absent for M = 0);
+- the chat template writes BOS first when the tokenizer adds one (vLLM renders chats without special tokens);
 - in config.json: `architectures = ["ETCLlavaForConditionalGeneration"]`, `etc_compression = {num_compression_tokens,
   num_visual_tokens}`, and a top-level `mrope_section` so that vLLM takes ETC's gapped positions from the model
   (see `etc_ext.vllm.llava`); the language model's own RoPE settings are untouched.
@@ -42,6 +43,7 @@ def export_for_vllm(model_path: str, out_dir: str, etc_path: str | None = None, 
         integration_for(model).remove_etc(model)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
+    _chat_template_with_bos(processor)
     processor.save_pretrained(out_dir)
     if compression_tokens is not None:
         save_file({"etc.compression_tokens.weight": compression_tokens}, os.path.join(out_dir, COMPRESSION_FILE))
@@ -66,3 +68,16 @@ def export_for_vllm(model_path: str, out_dir: str, etc_path: str | None = None, 
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     return settings
+
+
+def _chat_template_with_bos(processor) -> None:
+    """vLLM tokenizes a rendered chat without special tokens (templates are expected to write BOS themselves), while
+    etc-ext's prompts are tokenized with them: when the tokenizer starts every text with BOS and the template does
+    not write it, the exported template does, so that a chat request reaches the model as the training prompts did."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None)
+    bos = getattr(tokenizer, "bos_token", None)
+    if not template or not bos or "bos_token" in template:
+        return
+    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        processor.chat_template = "{{- bos_token -}}" + template

@@ -79,3 +79,22 @@ class ETCLlavaMultiModalProcessor(BaseMultiModalProcessor[ETCLlavaProcessingInfo
         image_token_id = self.info.get_hf_config().image_token_index
         slots = self.info.get_num_image_tokens()
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=[image_token_id] * slots)]
+
+    def apply(self, inputs, timing_ctx):
+        """vLLM's processing, then a check that the request's positions fit the language model's RoPE table: with
+        compression every image moves later tokens N positions on, so a prompt of max_model_len tokens with k images
+        reaches position max_model_len + k * N (vLLM itself checks only the prompt's length)."""
+        result = super().apply(inputs, timing_ctx)
+        settings = etc_settings(self.info.get_hf_config())
+        if settings.compresses:
+            images = len(result["mm_placeholders"].get("image", []))
+            limit = self.info.get_hf_config().text_config.max_position_embeddings
+            furthest = self.info.ctx.model_config.max_model_len + images * settings.num_visual_tokens
+            if images and furthest > limit:
+                raise ValueError(
+                    f"a request with {images} image(s) may reach position {furthest} (max_model_len "
+                    f"{self.info.ctx.model_config.max_model_len} + {images} x {settings.num_visual_tokens} visual "
+                    f"positions), past the model's max_position_embeddings {limit}: serve with a max_model_len of at "
+                    f"most {limit - images * settings.num_visual_tokens} or send fewer images"
+                )
+        return result

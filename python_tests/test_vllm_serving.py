@@ -300,3 +300,50 @@ def test_openai_compatible_server_answers_a_chat_request_with_an_image(exported,
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+# ------------------------------------------------------------------------------------------------ paged cache reads
+def cpu_attention_layer(isa: str, heads: int, kv_heads: int, head_size: int):
+    """What PagedKVReader needs of an attention layer: vLLM's CPU backend implementation (its cache writer) and the
+    layer attributes that writer reads."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    # its constructor needs a whole engine config; the cache writer reads only these two attributes
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)
+    impl.attn_type, impl.kv_cache_dtype = AttentionType.DECODER, "auto"
+    return SimpleNamespace(impl=impl, isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads, head_size", [(2, 32), (1, 64)])
+def test_paged_kv_reader_reads_back_what_vllm_wrote(isa, dtype, kv_heads, head_size):
+    """K/V written at random slots by vLLM's CPU cache writer come back exactly, from a cache whose key tiles the
+    writer stores transposed."""
+    from etc_ext.vllm.paged_kv import PagedKVReader
+
+    layer = cpu_attention_layer(isa, 2 * kv_heads, kv_heads, head_size)
+    blocks, block_size, tokens = 5, 32, 70
+    cache = torch.zeros(blocks, kv_heads, block_size, 2 * head_size, dtype=dtype)
+    key = torch.randn(tokens, kv_heads, head_size).to(dtype)
+    value = torch.randn(tokens, kv_heads, head_size).to(dtype)
+    slots = torch.randperm(blocks * block_size)[:tokens]
+    layer.impl.do_kv_cache_update(layer, key, value, cache, slots)
+    reader = PagedKVReader(layer, cache, kv_heads, head_size)
+    order = torch.randperm(tokens)
+    read_key, read_value = reader.read(cache, slots[order])
+    assert torch.equal(read_key, key[order]) and torch.equal(read_value, value[order])
+    plain_key = cache[..., :head_size].permute(0, 2, 1, 3).reshape(-1, kv_heads, head_size)[slots]
+    assert not torch.equal(plain_key, key)  # the layout the reader learnt is not the obvious view
+
+
+def test_paged_kv_reader_refuses_an_unknown_cache_layout():
+    from etc_ext.vllm.paged_kv import PagedKVReader
+
+    layer = cpu_attention_layer("vec", 4, 2, 32)
+    flash_layout = torch.zeros(2, 5, 32, 2, 32)  # [2, num_blocks, block_size, Hkv, D] (FlashAttention's)
+    with pytest.raises(NotImplementedError, match=r"CPU cache layout \[num_blocks, 2, block_size, 64\]"):
+        PagedKVReader(layer, flash_layout, 2, 32)

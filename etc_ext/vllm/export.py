@@ -29,10 +29,7 @@ def export_for_vllm(model_path: str, out_dir: str, etc_path: str | None = None, 
     """Writes the vLLM folder of a model `etc_ext.models.loading.load_for_inference` can load (a plain LLaVA folder,
     optionally with ETC parts in `etc_path`, or an ETC training run's `final/` folder). Returns what config.json
     got under `etc_compression`."""
-    from safetensors.torch import save_file
-
     from ..models.loading import integration_for, load_for_inference
-    from ..models.llava import num_visual_tokens
 
     model, processor, etc_config = load_for_inference(model_path, etc_path, base_model=base_model, dtype=dtype)
     if type(model).__name__ not in ("LlavaForConditionalGeneration", "ETCLlavaForConditionalGeneration"):
@@ -41,12 +38,23 @@ def export_for_vllm(model_path: str, out_dir: str, etc_path: str | None = None, 
     if etc_config is not None:
         compression_tokens = model.etc.compression_tokens.weight.detach().to(dtype).contiguous()
         integration_for(model).remove_etc(model)
+    return write_vllm_folder(model, processor, out_dir, compression_tokens)
+
+
+def write_vllm_folder(model, processor, out_dir: str, compression_tokens: torch.Tensor | None) -> dict:
+    """Writes a plain `LlavaForConditionalGeneration` and its processor as a vLLM folder, with `compression_tokens`
+    `[M, hidden]` (None: served without compression). Returns the `etc_compression` settings."""
+    from safetensors.torch import save_file
+
+    from ..models.llava import num_visual_tokens
+
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     _chat_template_with_bos(processor)
     processor.save_pretrained(out_dir)
     if compression_tokens is not None:
-        save_file({"etc.compression_tokens.weight": compression_tokens}, os.path.join(out_dir, COMPRESSION_FILE))
+        save_file({"etc.compression_tokens.weight": compression_tokens.contiguous()},
+                  os.path.join(out_dir, COMPRESSION_FILE))  # fmt: skip
     elif os.path.exists(os.path.join(out_dir, COMPRESSION_FILE)):
         os.remove(os.path.join(out_dir, COMPRESSION_FILE))  # a folder reused for a model without compression
 
@@ -62,8 +70,7 @@ def export_for_vllm(model_path: str, out_dir: str, etc_path: str | None = None, 
     config["architectures"] = [ARCHITECTURE]
     config[CONFIG_KEY] = settings
     config["mrope_section"] = [head_dim // 2]
-    config["text_config"].setdefault("architectures", None)
-    if not config["text_config"]["architectures"]:
+    if not config["text_config"].get("architectures"):
         config["text_config"]["architectures"] = ["LlamaForCausalLM"]
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)

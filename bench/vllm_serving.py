@@ -1,10 +1,11 @@
 """Serving at one KV-cache budget in vLLM: the full model against ETC (M=1) on the same weights.
 
 For each shape, both models get the same number of KV-cache blocks (`num_gpu_blocks_override`) and the same requests
-(one image, a short question, a fixed number of generated tokens, no prefix sharing). Reported per model: the most
-requests vLLM ran at once (its scheduler's running queue, the budget being the limit), the cache blocks a request
-holds after its prefill, the output throughput of the whole run, and the decode throughput at that concurrency
-(generated tokens per second over decode-only steps). The ratios are set beside the analytic KV-cache figures of
+(one image, a short question, a fixed number of generated tokens, no prefix sharing). Reported per model: the prompt
+slots and cache blocks of a request after its prefill, how many requests the budget holds to their last token, the
+most vLLM ran at once (its scheduler admits more than fit and preempts them as they grow) and its preemptions, the
+output throughput of the whole run, and the decode throughput with as many requests as the budget holds (prefilled,
+then timed over their decode steps). The ratios are set beside the analytic KV-cache figures of
 `etc_ext.cost` for the same prompt.
 
     .venv-vllm/bin/python bench/vllm_serving.py                       # the demo's checkpoints (seconds)
@@ -82,6 +83,9 @@ def make_requests(count: int, image_size: int) -> list[dict]:
 
 
 def run(folder: str, requests: list[dict], blocks: int, max_tokens: int, dtype: str, max_model_len: int) -> dict:
+    """All `requests` through one engine at the budget (the most running at once, preemptions, output throughput),
+    then as many fresh requests as the budget holds to their last token, prefilled, then timed over their decode steps
+    (decode throughput at that concurrency)."""
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -91,28 +95,38 @@ def run(folder: str, requests: list[dict], blocks: int, max_tokens: int, dtype: 
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request(str(i), r, params) for i, r in enumerate(requests)]
-    peak, generated, decode_tokens, decode_time, blocks_per_request = 0, 0, 0, 0.0, None
+
+    ids = [engine.add_request(f"all-{i}", r, params) for i, r in enumerate(requests)]
+    peak, generated, blocks_per_request, served_prompt, preemptions = 0, 0, None, None, {}
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        # a decode-only step: every running request has its prompt computed and nobody waits for admission
-        decode_only = not scheduler.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens
-                                                    for r in scheduler.running)  # fmt: skip
-        running = len(scheduler.running)
-        step_start = time.perf_counter()
-        outputs = engine.step()
-        step_time = time.perf_counter() - step_start
-        new_tokens = sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+        generated += sum(len(o.outputs[0].token_ids) for o in engine.step() if o.finished)
         peak = max(peak, len(scheduler.running))
-        if blocks_per_request is None and ids[0] in scheduler.requests:
-            request = scheduler.requests[ids[0]]
-            if request.num_computed_tokens >= request.num_prompt_tokens:
-                blocks_per_request = len(scheduler.kv_cache_manager.get_block_ids(ids[0])[0])
-        generated += new_tokens
-        if decode_only and running:
-            decode_tokens += running
-            decode_time += step_time
+        preemptions.update({r.request_id: r.num_preemptions for r in scheduler.running})
+        request = scheduler.requests.get(ids[0])
+        if blocks_per_request is None and request is not None and request.num_output_tokens >= 1:
+            blocks_per_request = len(scheduler.kv_cache_manager.get_block_ids(ids[0])[0])
+            served_prompt = request.num_prompt_tokens
     total = time.perf_counter() - start
+
+    # as many requests as the budget holds to their last token (vLLM admits more and preempts them as they grow)
+    fits = min(len(requests), blocks // -(-(served_prompt + max_tokens) // BLOCK_SIZE))
+    decode_ids = [engine.add_request(f"decode-{i}", r, params) for i, r in enumerate(requests[:fits])]
+    def tokens_so_far() -> tuple[int, bool]:
+        """Tokens the decode requests have generated, and whether every unfinished one is past its prefill."""
+        states = [scheduler.requests.get(i) for i in decode_ids]  # finished requests leave the scheduler
+        done = sum(max_tokens for state in states if state is None)
+        return done + sum(s.num_output_tokens for s in states if s is not None), all(
+            s is None or s.num_output_tokens >= 1 for s in states)
+
+    while not tokens_so_far()[1]:  # prefill them all first
+        engine.step()
+    decoded_before = tokens_so_far()[0]
+    decode_start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    decode_time = time.perf_counter() - decode_start
+    decoded = len(decode_ids) * max_tokens
     prompt_tokens = len(llm.get_tokenizer()(requests[0]["prompt"])["input_ids"])
     del llm, engine, scheduler
     gc.collect()
@@ -120,9 +134,13 @@ def run(folder: str, requests: list[dict], blocks: int, max_tokens: int, dtype: 
     destroy_distributed_environment()
     return {
         "peak_running": peak,
+        "preemptions": sum(preemptions.values()),
+        "fit_to_completion": fits,
+        "served_prompt_tokens": served_prompt,
         "blocks_per_request_after_prefill": blocks_per_request,
         "output_tokens_per_s": generated / total,
-        "decode_tokens_per_s": decode_tokens / decode_time if decode_time else None,
+        "decode_batch": len(decode_ids),
+        "decode_tokens_per_s": (decoded - decoded_before) / decode_time,
         "wall_s": total,
         "prompt_text_tokens": prompt_tokens,
     }
@@ -144,8 +162,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["demo", "llava-7b"], default="demo")
     parser.add_argument("--layers", type=int, default=2, help="llava-7b: language-model layers (default 2)")
-    parser.add_argument("--requests", type=int, default=None, help="default: 64 (demo), 24 (llava-7b)")
-    parser.add_argument("--blocks", type=int, default=None, help="KV-cache blocks of 32 slots (default: 48, 96)")
+    parser.add_argument("--requests", type=int, default=None, help="default: 64 (demo), 16 (llava-7b)")
+    parser.add_argument("--blocks", type=int, default=None, help="KV-cache blocks of 32 slots (default: 48, 24)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -156,7 +174,7 @@ def main(argv=None) -> int:
         requests, blocks, dtype, max_model_len = args.requests or 64, args.blocks or 48, "float32", 256
     else:
         folders, config = llava_7b_folders(root, args.layers)
-        requests, blocks, dtype, max_model_len = args.requests or 24, args.blocks or 96, "bfloat16", 1024
+        requests, blocks, dtype, max_model_len = args.requests or 16, args.blocks or 24, "bfloat16", 640
     inputs = make_requests(requests, config.vision_config.image_size)
     results = {name: run(folder, inputs, blocks, args.max_tokens, dtype, max_model_len)
                for name, folder in folders.items()}  # fmt: skip
@@ -165,14 +183,17 @@ def main(argv=None) -> int:
     print(f"vLLM {__import__('vllm').__version__} on {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; shape {args.shape}, {requests} requests of 1 image, "
           f"{args.max_tokens} generated tokens each, budget {blocks} blocks x {BLOCK_SIZE} slots")  # fmt: skip
-    print(f"{'model':8} {'peak running':>12} {'blocks/request':>14} {'output tok/s':>12} {'decode tok/s':>12}")
+    print(f"{'model':8} {'prompt slots':>12} {'blocks/req':>10} {'fit to end':>10} {'peak running':>12} "
+          f"{'preempted':>9} {'output tok/s':>12} {'decode tok/s':>12}")  # fmt: skip
     for name, r in results.items():
-        decode = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "-"
-        print(f"{name:8} {r['peak_running']:>12} {r['blocks_per_request_after_prefill']:>14} "
-              f"{r['output_tokens_per_s']:>12.0f} {decode:>12}")  # fmt: skip
+        print(f"{name:8} {r['served_prompt_tokens']:>12} {r['blocks_per_request_after_prefill']:>10} "
+              f"{r['fit_to_completion']:>10} {r['peak_running']:>12} {r['preemptions']:>9} "
+              f"{r['output_tokens_per_s']:>12.1f} {r['decode_tokens_per_s']:>12.1f}")  # fmt: skip
     full, etc = results["full"], results["etc-m1"]
-    print(f"ETC / full: concurrency {etc['peak_running'] / full['peak_running']:.2f}x, output throughput "
-          f"{etc['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x; etc_ext.cost: KV bytes per request "
+    print(f"ETC / full: requests held to completion {etc['fit_to_completion'] / full['fit_to_completion']:.2f}x, "
+          f"peak running {etc['peak_running'] / full['peak_running']:.2f}x, output throughput "
+          f"{etc['output_tokens_per_s'] / full['output_tokens_per_s']:.2f}x, decode throughput "
+          f"{etc['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x; etc_ext.cost: KV bytes per request "
           f"{figures['kv_bytes_full'] / 1e6:.2f} MB -> {figures['kv_bytes_etc'] / 1e6:.2f} MB "
           f"({figures['kv_ratio']:.2f}x, {figures['visual_tokens']} visual tokens -> 1)")  # fmt: skip
     if args.json:

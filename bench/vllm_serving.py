@@ -82,6 +82,14 @@ def make_requests(count: int, image_size: int) -> list[dict]:
             for image in images]  # fmt: skip
 
 
+def generated_so_far(scheduler, request_ids: list[str], max_tokens: int) -> tuple[int, bool]:
+    """Tokens the requests have generated, and whether every unfinished one is past its prefill."""
+    states = [scheduler.requests.get(i) for i in request_ids]  # finished requests leave the scheduler
+    finished = sum(max_tokens for state in states if state is None)
+    running = [state for state in states if state is not None]
+    return finished + sum(s.num_output_tokens for s in running), all(s.num_output_tokens >= 1 for s in running)
+
+
 def run(folder: str, requests: list[dict], blocks: int, max_tokens: int, dtype: str, max_model_len: int) -> dict:
     """All `requests` through one engine at the budget (the most running at once, preemptions, output throughput),
     then as many fresh requests as the budget holds to their last token, prefilled, then timed over their decode steps
@@ -112,16 +120,9 @@ def run(folder: str, requests: list[dict], blocks: int, max_tokens: int, dtype: 
     # as many requests as the budget holds to their last token (vLLM admits more and preempts them as they grow)
     fits = min(len(requests), blocks // -(-(served_prompt + max_tokens) // BLOCK_SIZE))
     decode_ids = [engine.add_request(f"decode-{i}", r, params) for i, r in enumerate(requests[:fits])]
-    def tokens_so_far() -> tuple[int, bool]:
-        """Tokens the decode requests have generated, and whether every unfinished one is past its prefill."""
-        states = [scheduler.requests.get(i) for i in decode_ids]  # finished requests leave the scheduler
-        done = sum(max_tokens for state in states if state is None)
-        return done + sum(s.num_output_tokens for s in states if s is not None), all(
-            s is None or s.num_output_tokens >= 1 for s in states)
-
-    while not tokens_so_far()[1]:  # prefill them all first
+    while not generated_so_far(scheduler, decode_ids, max_tokens)[1]:  # prefill them all first
         engine.step()
-    decoded_before = tokens_so_far()[0]
+    decoded_before = generated_so_far(scheduler, decode_ids, max_tokens)[0]
     decode_start = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()

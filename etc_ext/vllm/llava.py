@@ -96,7 +96,8 @@ class ETCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
                                          mm_token_ids=[config.image_token_index])  # fmt: skip
         if config.vision_feature_select_strategy not in ("default", "full"):
-            raise NotImplementedError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
+            raise NotImplementedError("ETC LLaVA in vLLM takes vision_feature_select_strategy 'default' or 'full', got "
+                                      f"{config.vision_feature_select_strategy!r}")  # fmt: skip
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = CLIPVisionModel(config.vision_config, vllm_config.quant_config,
                                                 num_hidden_layers_override=_vision_layers_needed(config),

@@ -253,6 +253,30 @@ def test_second_question_about_an_image_hits_the_prefix_cache(name, case, export
                                    torch.tensor(expected["logprobs"]), atol=2e-4, rtol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("name, image_offset", [("etc-m1-vid", 70), ("etc-m16-vid", 56)])
+def test_chunked_prefill_splits_the_prompt_before_or_inside_the_image(name, image_offset, exported, test_questions):
+    """A prompt longer than vLLM's token budget per step is prefilled in chunks of 64 tokens: with the image's slot in
+    the second chunk the sub-forward reads the first chunk back from the cache; with M = 16 slots from token 56 a
+    chunk boundary splits them, and each step computes the slots it holds. The answers are generate()'s."""
+    _, processor = load_hf(name)
+    question, image = test_questions[3]
+    words = ["Answer", "the", "question", "about", "the", "picture", "in", "one", "word", "please"]
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for count in range(1, 120):
+        request = make_request(question, [image], " ".join((words * 12)[:count]))
+        if served_ids(processor, request, exported_slots(name)).index(image_token) == image_offset:
+            break
+    else:
+        raise AssertionError(f"no system prompt puts the image at token {image_offset}")
+    expected = hf_generate(name, [request])[0]
+    with Engine(exported[name], enable_chunked_prefill=True, max_num_batched_tokens=64) as llm:
+        output = llm.generate([vllm_prompt(processor, request)], greedy(), use_tqdm=False)[0]
+    assert len(output.prompt_token_ids) > 64 + exported_slots(name)  # at least two chunks
+    assert list(output.outputs[0].token_ids) == expected["tokens"]
+    torch.testing.assert_close(torch.tensor(sampled_logprobs(output.outputs[0])), torch.tensor(expected["logprobs"]),
+                               atol=2e-4, rtol=0)  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,8 @@ class PendingImage:
     """An image whose compression-token slots are in this step (recorded by the model's `embed_input_ids`).
 
     rows: int64 `[S]`, the rows of this step's flattened tokens that hold its scheduled compression tokens;
-    first_index: which compression token (0..M-1) the first of them is (> 0 when a prefix-cache hit covered some);
+    first_index: which compression token (0..M-1) the first of them is (> 0 when a prefix-cache hit or an earlier
+        chunk of a chunked prefill covered some);
     visual: `[N, H]` its visual tokens' embeddings (the projector's output).
     """
 

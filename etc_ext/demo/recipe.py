@@ -61,6 +61,19 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      noise of step 2 although its training loss fell (about 0.25 -> 0.18): the 8-layer model from the frozen tower
      plateaus near 73 %, short of the 90 % target; next levers to measure: the tower trained in the VLM stage, a
      stronger tower objective (its object patches are 68-73 % right), longer per-cell training.
+  5. The tower trained in the VLM stage (step 2's settings with `train_vision_tower=True`, so at the VLM's 2e-3; 39
+     min): val 56.0 % (color 73.8, count 50.9, yes/no 50.0, where 53.7 %), val conv first + later alone 48.5 %: the
+     VLM's learning rate undoes the pretraining; worse than the frozen tower of step 2.
+  6. Longer tower pretraining: `vision_pretrain` for 4000 steps (10 min): object patches color 99.9 %, shape 97.8 %
+     right (1500 steps: 73.2 / 67.9 %). `full-base` from it as in step 2 (frozen tower, 8 layers, 2600 steps, 38 min
+     on one thread, the machine shared): val 70.5 % (color 90.5, count 66.0, yes/no 65.6, where 63.4 %), val conv
+     60.8 % single (its 200 first questions and 200 second ones alone), 57.5 % follow-up: within noise of step 2;
+     so the tower is no longer what limits the base, its count and yes/no answers are. ETC M=1 VID from it
+     (`ETC_TRAINING`, 800 steps, 9 min on two threads): val 56.5 % (80 % of its base; step 3: 67 %), val conv
+     50.8 % single, 57.5 % follow-up (its base's 57.5 %). Training-free K=1 on the same base, val conv single /
+     follow-up: FastV-style top-K 24.8 / 22.0 %, mean pooling 33.0 / 37.5 %, VisionZip-style merge 27.0 / 32.5 %:
+     ETC M=1 ahead of the best by 17.8 and 20 points. Next: the language model's counting and yes/no (curriculum
+     blocks of those types, more steps), then `full-base-2` and the fine-tunes on it.
 """
 
 from __future__ import annotations

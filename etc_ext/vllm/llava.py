@@ -187,8 +187,9 @@ class ETCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         if metadata is None:  # no image compressed in this step (decode, text, warm-up runs)
             return model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        first_cache = layers[0].self_attn.attn.kv_cache
-        side = plan_side_sequence(pending, positions, metadata, self._block_size(first_cache),
+        first = layers[0].self_attn  # its cache reader checks the layout before anything is planned on it
+        reader = self.sub_forward.reader(first.attn, first.attn.kv_cache, first.num_kv_heads, first.head_dim)
+        side = plan_side_sequence(pending, positions, metadata, reader.block_size,
                                   self.settings.num_visual_tokens, self.settings.num_compression_tokens)  # fmt: skip
         side_hidden = initial_side_hidden(pending, self.compression_tokens)
         residual = None
@@ -209,10 +210,6 @@ class ETCLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsMR
         if isinstance(metadata, dict):
             metadata = metadata.get(layer.self_attn.attn.layer_name)
         return metadata
-
-    @staticmethod
-    def _block_size(kv_cache: torch.Tensor) -> int:
-        return kv_cache.shape[2]  # the CPU backend's [num_blocks, Hkv, block_size, 2 * D] (PagedKVReader checks)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden_states)

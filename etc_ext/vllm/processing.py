@@ -38,10 +38,6 @@ class ETCLlavaProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
-    def get_num_visual_tokens(self) -> int:
-        """N: the visual tokens one image gives the language model (LLaVA-1.5: 576)."""
-        return etc_settings(self.get_hf_config()).num_visual_tokens
-
     def get_num_image_tokens(self, *, image_width: int = 0, image_height: int = 0) -> int:
         """The prompt slots of one image: M with compression, N without (images are resized to one size)."""
         settings = etc_settings(self.get_hf_config())

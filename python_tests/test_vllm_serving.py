@@ -216,14 +216,19 @@ HIT_CASES = {
 }
 
 
+def growing_system_prompts():
+    """System prompts of 1, 2, ... words: the tests pick the one that puts the image at the token they need."""
+    words = ["Answer", "the", "question", "about", "the", "picture", "in", "one", "word", "please"]
+    for count in range(1, 120):
+        yield " ".join((words * 12)[:count])
+
+
 def two_questions_with_hit(processor, questions, slots: int, case: str) -> tuple[list[dict], int, int]:
     """Two requests about one image after one system prompt, the system prompt's length chosen so that vLLM's
     prefix-cache hit for the second ends where `case` says. Returns (requests, image offset, expected hit)."""
     (first_q, image), (second_q, _) = questions
-    words = ["Answer", "the", "question", "about", "the", "picture", "in", "one", "word", "please"]
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    for count in range(1, 120):
-        system = " ".join((words * 12)[:count])
+    for system in growing_system_prompts():
         requests = [make_request(first_q, [image], system), make_request(second_q, [image], system)]
         first, second = (served_ids(processor, r, slots) for r in requests)
         offset, hit = first.index(image_token), expected_hit(first, second)
@@ -260,10 +265,9 @@ def test_chunked_prefill_splits_the_prompt_before_or_inside_the_image(name, imag
     chunk boundary splits them, and each step computes the slots it holds. The answers are generate()'s."""
     _, processor = load_hf(name)
     question, image = test_questions[3]
-    words = ["Answer", "the", "question", "about", "the", "picture", "in", "one", "word", "please"]
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    for count in range(1, 120):
-        request = make_request(question, [image], " ".join((words * 12)[:count]))
+    for system in growing_system_prompts():
+        request = make_request(question, [image], system)
         if served_ids(processor, request, exported_slots(name)).index(image_token) == image_offset:
             break
     else:

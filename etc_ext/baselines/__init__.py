@@ -76,7 +76,8 @@ from .config import BaselineConfig, VisualGeometry  # noqa: E402
 from .fastv import FastVPruner  # noqa: E402
 from .grid import grid_shape, spatial_groups  # noqa: E402
 from .instruction_merge import first_pass_scores  # noqa: E402
-from .llava import Baseline, BaselineLlavaForConditionalGeneration  # noqa: E402
+from .llava import BaselineLlavaForConditionalGeneration  # noqa: E402
+from .model import Baseline, BaselineMixin  # noqa: E402
 from .mean import mean_pool  # noqa: E402
 from .merging import group_logits, merge_groups, similarity_groups  # noqa: E402
 from .registry import METHOD_CLASSES, BaselineMethod, register_method  # noqa: E402

@@ -7,7 +7,8 @@ from transformers import LlavaForConditionalGeneration
 
 from ..models.common import unwrap_peft
 from .config import BaselineConfig
-from .llava import Baseline, BaselineLlavaForConditionalGeneration
+from .llava import BaselineLlavaForConditionalGeneration
+from .model import Baseline
 
 __all__ = ["apply_baseline", "remove_baseline", "register_baseline_class"]
 

@@ -24,12 +24,17 @@ class VisualGeometry:
         cls_feature: whether the first of the N tokens is the vision tower's [CLS] feature (LLaVA's "full"
             strategy); the other N - 1 are the grid.
         num_hidden_layers: decoder layers of the language model.
+        cls_token: whether the vision tower has a [CLS] token (CLIP does, Qwen3-VL's does not).
+
+    A backbone whose images differ in size (Qwen3-VL) has `num_visual_tokens` and `grid` None: each image is
+    checked when it arrives, against its own geometry.
     """
 
-    num_visual_tokens: int
-    grid: tuple
+    num_visual_tokens: Optional[int]
+    grid: Optional[tuple]
     cls_feature: bool
     num_hidden_layers: int
+    cls_token: bool = True
 
 
 @dataclass
@@ -47,7 +52,7 @@ class BaselineConfig:
         dominant: ("visionzip") dominant tokens, the [CLS] feature included when `keep_cls`; default
             `visionzip_split(K)`.
         keep_cls: ("visionzip") keep the vision tower's [CLS] feature as a dominant token (VisionZip does); default
-            True.
+            True where the tower has a [CLS] token, False otherwise (Qwen3-VL).
 
     Raises:
         ValueError: an unknown method, a num_tokens that is not a positive int, an option the method does not take,
@@ -95,7 +100,7 @@ class BaselineConfig:
     def check(self, geometry: VisualGeometry) -> None:
         """Raise ValueError if this config cannot run on a model of `geometry`."""
         n = geometry.num_visual_tokens
-        if self.num_tokens > n:
+        if n is not None and self.num_tokens > n:
             raise ValueError(
                 f"num_tokens={self.num_tokens} is larger than the model's {n} visual tokens per image; "
                 f"use 1 <= num_tokens <= {n}"
@@ -112,7 +117,8 @@ class BaselineConfig:
                     f"method {self.method!r} works on the patch grid, but this model's visual tokens include the "
                     "[CLS] feature (vision_feature_select_strategy='full')"
                 )
-            grid_shape(self.num_tokens, geometry.grid)  # raises when K has no layout on the grid
+            if geometry.grid is not None:
+                grid_shape(self.num_tokens, geometry.grid)  # raises when K has no layout on the grid
         method.check(self, geometry)
 
 

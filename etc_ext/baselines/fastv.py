@@ -11,7 +11,7 @@ from torch import nn
 
 from ..cache import compact_dynamic_cache
 from ..compress import right_aligned_index
-from ..distill import capture_query_key, instruction_scores
+from ..distill import capture_query_key, instruction_scores_spans
 from .registry import BaselineMethod, LanguageInputs, register_method
 from .sequence import _gather_rows, pruned_sequence, query_index
 
@@ -62,6 +62,11 @@ class FastVPruner:
     @property
     def kwargs(self) -> dict:
         return self.recorder.kwargs
+
+    @property
+    def pruning(self) -> bool:
+        """Whether the pass has reached the pruned layers (their hidden states hold the kept rows only)."""
+        return self._inputs is not None
 
     def __enter__(self):
         self._capture = capture_query_key(self.config, self.layer - 1)
@@ -127,33 +132,27 @@ class FastV(BaselineMethod):
         (ranked by layer `layer - 1`'s text-to-image attention); the pruned tokens leave every layer's cache."""
         config = model.baseline.config
         language_model = model.model.language_model
-        num_visual = model.baseline.geometry.num_visual_tokens
         spans, mask, image_token_mask = inputs.spans, inputs.mask, inputs.image_token_mask
         queries = query_index(spans, image_token_mask, mask, inputs.labels, config.query)
-        visual_index = spans.start[:, None] + torch.arange(num_visual, device=mask.device)[None]  # (I, N)
         rows = spans.row
 
         def select(recorder) -> torch.Tensor:
-            scores = instruction_scores(
-                recorder.query[rows], recorder.key[rows], queries, visual_index,
+            scores = instruction_scores_spans(
+                recorder.query[rows], recorder.key[rows], queries, spans.start, spans.end,
                 key_mask=mask.bool()[rows], score_context="causal", scale=recorder.scale,
-            )  # fmt: skip  (I, N)
-            top = scores.topk(config.num_tokens, dim=-1).indices  # (I, K)
+            )  # fmt: skip  per image (N_i,)
             keep = mask.bool() & ~image_token_mask
-            keep[rows[:, None].expand_as(top), visual_index.gather(1, top)] = True
+            for row, start, image_scores in zip(rows.tolist(), spans.start.tolist(), scores):
+                keep[row, start + image_scores.topk(config.num_tokens).indices] = True
             return keep
 
         cache = inputs.cache
         pruner = FastVPruner(language_model.config, language_model.layers, config.layer, select)
-        with pruner:
-            hidden_states = language_model(
-                inputs_embeds=inputs.with_image_features(),
-                attention_mask=mask,
-                position_ids=inputs.position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-                **pruner.kwargs,
-            ).last_hidden_state
+        with pruner, model._baseline_pruning(pruner):
+            hidden_states = model._baseline_run_language_model(
+                inputs.with_image_features(), mask, inputs.position_ids, cache, image_token_mask,
+                inputs.user_extras(), **pruner.kwargs,
+            ).last_hidden_state  # fmt: skip
         keep = pruner.finish()
         layout = pruned_sequence(keep, image_token_mask, inputs.position_ids)
         if config.layer == len(language_model.layers):

@@ -1,12 +1,12 @@
 """The patch grid: how K tokens are laid out on an image's `gh x gw` grid (mean, subsample, instruction_merge's
-spatial groups)."""
+spatial groups) and the cells' centres."""
 
 import math
 from typing import Sequence
 
 import torch
 
-__all__ = ["grid_shape", "spatial_groups"]
+__all__ = ["grid_shape", "spatial_groups", "subsample_index"]
 
 
 def grid_shape(num_tokens: int, grid: Sequence[int]) -> tuple[int, int]:
@@ -42,3 +42,12 @@ def spatial_groups(grid: Sequence[int], num_tokens: int, device=None) -> torch.T
     rows = torch.arange(gh, device=device) * kh // gh
     cols = torch.arange(gw, device=device) * kw // gw
     return (rows[:, None] * kw + cols[None, :]).flatten()
+
+
+def subsample_index(grid: Sequence[int], num_tokens: int, device=None) -> torch.Tensor:
+    """`(K,)` row-major token indices of the centres of a `kh x kw` partition of the grid."""
+    gh, gw = grid
+    kh, kw = grid_shape(num_tokens, grid)
+    rows = (2 * torch.arange(kh, device=device) + 1) * gh // (2 * kh)
+    cols = (2 * torch.arange(kw, device=device) + 1) * gw // (2 * kw)
+    return (rows[:, None] * gw + cols[None, :]).flatten()

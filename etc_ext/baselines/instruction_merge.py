@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..distill import capture_query_key, instruction_scores
-from .grid import spatial_groups
+from ..distill import capture_query_key, instruction_scores_spans
+from .grid import spatial_groups, subsample_index
 from .merging import merge_groups, similarity_groups
 from .registry import BaselineMethod, LanguageInputs, register_method
 from .sequence import query_index
@@ -65,23 +65,27 @@ def first_pass_scores(
     position_ids: torch.Tensor,
     rows: torch.Tensor,
     query_positions: torch.Tensor,
-    visual_index: torch.Tensor,
+    visual_start: torch.Tensor,
+    visual_end: torch.Tensor,
     with_keys: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    **language_kwargs,
+) -> tuple[list, Optional[list]]:
     """Text-to-image attention at decoder layer `layer - 1` from a pass over the whole prompt that stops right after
     that layer's attention (no cache, SDPA through the "etc_capture" attention function, no attention weights).
 
     Args:
         language_model: called as `language_model(inputs_embeds=, attention_mask=, position_ids=, use_cache=False,
-            **kwargs)`; its config's `_attn_implementation` is switched for the pass.
+            **language_kwargs)`; its config's `_attn_implementation` is switched for the pass.
         decoder_layers: its decoder layers (`layer - 1` must have a `self_attn`, and `self_attn.k_proj` for keys).
-        inputs_embeds: `(B, L, H)`; attention_mask: `(B, L)`; position_ids: `(B, L)` (or `(K, B, L)`).
-        rows: `(I,)` batch row of each image; query_positions: `(I, T)` (-1 = none); visual_index: `(I, N)`.
-        with_keys: also return the visual tokens' head-averaged keys before RoPE, `(I, N, D)` (the `k_proj` output).
+        inputs_embeds: `(B, L, H)`; attention_mask: `(B, L)`; position_ids: `(B, L)` (or `(A, B, L)`).
+        rows: `(I,)` batch row of each image; query_positions: `(I, T)` (-1 = none); visual_start, visual_end:
+            `(I,)` bounds of each image's visual tokens in its row.
+        with_keys: also return the visual tokens' head-averaged keys before RoPE (the `k_proj` output).
+        language_kwargs: more arguments of the pass (e.g. Qwen3-VL's DeepStack features).
 
     Returns:
-        importance float32 `(I, N)` (probabilities over each query's causal context, averaged over heads and
-        queries), and the keys or None.
+        per image, importance float32 `(N_i,)` (probabilities over each query's causal context, averaged over heads
+        and queries), and per image its keys `(N_i, D)`, or None.
     """
     target = decoder_layers[layer - 1].self_attn
     with ExitStack() as stack:
@@ -95,16 +99,18 @@ def first_pass_scores(
                 position_ids=position_ids,
                 use_cache=False,
                 **recorder.kwargs,
+                **language_kwargs,
             )
         except _StopForward:
             pass
     if recorder.query is None:
         raise RuntimeError(f"the first pass did not reach the attention of decoder layer {layer - 1}")
-    scores = instruction_scores(
+    scores = instruction_scores_spans(
         recorder.query[rows],
         recorder.key[rows],
         query_positions,
-        visual_index,
+        visual_start,
+        visual_end,
         key_mask=attention_mask.bool()[rows],
         score_context="causal",
         scale=recorder.scale,
@@ -114,7 +120,7 @@ def first_pass_scores(
         head_dim = recorder.key.shape[-1]
         projected = keys.value  # (B, L, Hkv * D)
         mean_keys = projected.view(*projected.shape[:2], -1, head_dim).mean(2)  # (B, L, D)
-        visual_keys = mean_keys[rows[:, None], visual_index]  # (I, N, D)
+        visual_keys = [mean_keys[r, s:e] for r, s, e in zip(rows.tolist(), visual_start.tolist(), visual_end.tolist())]
     return scores, visual_keys
 
 
@@ -128,22 +134,28 @@ class InstructionMerge(BaselineMethod):
 
     def language_pass(self, model, inputs: LanguageInputs):
         """A first pass stopped after layer `layer - 1`'s attention gives each visual token's importance; each
-        image's N tokens are merged into K groups (importance-weighted means), then the shorter prompt runs."""
-        baseline = model.baseline
-        config = baseline.config
+        image's N tokens are merged into K groups (importance-weighted means), then the shorter prompt runs. Each
+        merged token stands for its group's centre (a spatial cell's centre token, or the similarity centre)."""
+        config = model.baseline.config
         language_model = model.model.language_model
         spans = inputs.spans
-        num_visual = baseline.geometry.num_visual_tokens
+        num_tokens = config.num_tokens
         device = inputs.input_ids.device
         queries = query_index(spans, inputs.image_token_mask, inputs.mask, inputs.labels, config.query)
-        visual_index = spans.start[:, None] + torch.arange(num_visual, device=device)[None]
         importance, keys = first_pass_scores(
             language_model, language_model.layers, config.layer, inputs.with_image_features(), inputs.mask,
-            inputs.position_ids, spans.row, queries, visual_index, with_keys=config.grouping == "similarity",
+            inputs.position_ids, spans.row, queries, spans.start, spans.end,
+            with_keys=config.grouping == "similarity",
+            **model._baseline_token_kwargs(inputs.image_token_mask, inputs.user_extras()),
         )  # fmt: skip
-        if config.grouping == "spatial":
-            groups = spatial_groups(baseline.geometry.grid, config.num_tokens, device).expand(len(spans), -1)
-        else:
-            groups = similarity_groups(keys, importance, config.num_tokens)
-        merged = merge_groups(inputs.image_features, groups, config.num_tokens, importance)
-        return model._baseline_shortened_pass(inputs, merged)
+        merged, sources = [], []
+        for i, (tokens, grid) in enumerate(zip(inputs.features, inputs.grids)):
+            if config.grouping == "spatial":
+                groups = spatial_groups(grid, num_tokens, device)[None]
+                centres = subsample_index(grid, num_tokens, device)
+            else:
+                groups = similarity_groups(keys[i][None], importance[i][None], num_tokens)
+                centres = importance[i].topk(num_tokens).indices.sort().values
+            merged.append(merge_groups(tokens[None], groups, num_tokens, importance[i][None])[0])
+            sources.append(centres)
+        return model._baseline_shortened_pass(inputs, merged, sources)

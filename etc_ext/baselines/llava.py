@@ -1,6 +1,7 @@
 """The baselines on LLaVA-1.5 (`transformers.LlavaForConditionalGeneration`): `BaselineLlavaForConditionalGeneration`,
-the model integration that calls a `BaselineMethod` at each point of the forward (see `etc_ext.baselines.registry`),
-and `Baseline`, what `apply_baseline` registers on the model."""
+LLaVA's adapter for `etc_ext.baselines.model.BaselineMixin`. Every image has the same N tokens on one patch grid, so
+the vision-side methods reduce while the images are encoded (hooks on the projector and the CLIP layer LLaVA reads:
+`get_image_features` returns K tokens per image)."""
 
 from typing import Optional
 
@@ -8,64 +9,22 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from ..compress import ETCCache, default_position_ids, find_image_spans
-from ..continuation import CompressedCacheGenerationMixin, new_tokens
+from ..compress import default_position_ids, find_image_spans
 from ..models.llava import num_visual_tokens as llava_num_visual_tokens
-from .config import BaselineConfig, VisualGeometry
-from .registry import LanguageInputs, method_class
-from .sequence import CompressedLayout, _gather_rows, shorten_sequence, user_next_position
+from .config import VisualGeometry
+from .model import BaselineMixin, EncodedPrompt
 
-__all__ = ["Baseline", "BaselineLlavaForConditionalGeneration"]
-
-
-# ============================================================================ the model-side state
-class Baseline:
-    """What `apply_baseline` registers on a model as `model.baseline`.
-
-    Attributes:
-        config: the `BaselineConfig`.
-        implementation: its `BaselineMethod` (what the model's hooks and forward call).
-        geometry: the model's `VisualGeometry`.
-        enabled: when False the model runs exactly as the original one (the hooks pass everything through).
-        original_class: the class to restore on removal.
-    """
-
-    def __init__(self, config: BaselineConfig, geometry: VisualGeometry, original_class: type):
-        self.config = config
-        self.implementation = method_class(config.method)()  # the registered BaselineMethod
-        self.geometry = geometry
-        self.enabled = True
-        self.original_class = original_class
-        self.handles: list = []
-        self.recorded: dict = {}  # vision-layer tensors between the hooks of one encoding call
-
-    @property
-    def method(self) -> str:
-        return self.config.method
-
-    @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in self.config.options.items())
-        return (
-            f"Baseline(method={self.method!r}, num_tokens={self.num_tokens}{', ' + options if options else ''}, "
-            f"enabled={self.enabled})"
-        )
+__all__ = ["BaselineLlavaForConditionalGeneration"]
 
 
 # ============================================================================ LLaVA
-class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, LlavaForConditionalGeneration):
+class BaselineLlavaForConditionalGeneration(BaselineMixin, LlavaForConditionalGeneration):
     """A `LlavaForConditionalGeneration` with a training-free compressor; made by `apply_baseline`, never
     instantiated directly."""
-
-    baseline: Baseline
 
     # ------------------------------------------------------------------------------------------ integration hooks
     @staticmethod
@@ -79,10 +38,6 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
             cls_feature=config.vision_feature_select_strategy == "full",
             num_hidden_layers=config.text_config.num_hidden_layers,
         )
-
-    def baseline_install(self) -> None:
-        """Register the method's hooks (`BaselineMethod.install`)."""
-        self.baseline.handles += self.baseline.implementation.install(self)
 
     def _baseline_projector(self) -> nn.Module:
         """The module that maps vision features to the language model's width (the vision-side methods hook it)."""
@@ -152,7 +107,7 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
         hold images:
 
         - without a cache (and `use_cache` not True): one pass over the compressed sequence; `logits` in the user's
-          layout `(batch_size, sequence_length, vocab_size)` (see the module docstring), `loss` with `labels`.
+          layout `(batch_size, sequence_length, vocab_size)` (see the package docstring), `loss` with `labels`.
         - with an empty cache or `use_cache=True` (generate()'s prefill): the same, into an `ETCCache` whose
           `etc_state` is a `BaselineCacheState` (K visual entries per image in every layer).
         - with such a cache: decoding; `attention_mask` and `position_ids` are in the user's layout (as generate()
@@ -175,128 +130,50 @@ class BaselineLlavaForConditionalGeneration(CompressedCacheGenerationMixin, Llav
         )
         if use_cache is not None:
             base_kwargs["use_cache"] = use_cache
-        if not self.baseline.enabled:
-            return super().forward(**base_kwargs)
+        visual_inputs = dict(
+            pixel_values=pixel_values,
+            encoded=(mm_encoder_outputs or {}).get("image"),  # generate() encodes the images beforehand
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        return self._baseline_forward(
+            base_kwargs, visual_inputs, input_ids, attention_mask, position_ids, cache, labels, logits_to_keep,
+            use_cache, inputs_embeds, kwargs,
+        )  # fmt: skip
 
-        state = getattr(cache, "etc_state", None)
-        encoded = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
-        has_images = pixel_values is not None or encoded is not None
-        if state is not None:  # a compressed prefill: decoding, or a follow-up question / turn (text only)
-            base_kwargs.update(continuation_inputs(self, cache, state, input_ids, attention_mask, position_ids, has_images))
-            return super().forward(**base_kwargs)
-        image_token_mask = None if input_ids is None else input_ids == self.config.image_token_id
-        if not has_images and (image_token_mask is None or not bool(image_token_mask.any())):
-            return super().forward(**base_kwargs)  # text only: nothing to compress
+    # ------------------------------------------------------------------------------------------ adapter
+    _baseline_visual_argument_names = ("pixel_values", "mm_encoder_outputs")
 
-        check_inputs(self, input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs)
-        prefill = cache is not None or bool(use_cache)
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError("baseline: prefilling images into a non-empty cache is not supported")
+    def _baseline_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.config.image_token_id
+
+    def _baseline_has_visual_inputs(self, visual_inputs: dict) -> bool:
+        return visual_inputs["pixel_values"] is not None or visual_inputs["encoded"] is not None
+
+    def _baseline_encode(self, visual_inputs: dict, input_ids, attention_mask, position_ids) -> EncodedPrompt:
+        """`get_image_features` (K tokens per image for the vision-side methods, whose hooks reduce them), the
+        images' spans (N placeholders each) and the default positions."""
+        encoded = visual_inputs["encoded"]
         if encoded is None:
             encoded = self.model.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
+                pixel_values=visual_inputs["pixel_values"],
+                vision_feature_layer=visual_inputs["vision_feature_layer"],
+                vision_feature_select_strategy=visual_inputs["vision_feature_select_strategy"],
+                image_sizes=visual_inputs["image_sizes"],
                 return_dict=True,
             )
         features = list(encoded.pooler_output)  # per image (n_i, H): K for vision-stage methods, else N
-        if prefill and not isinstance(cache, ETCCache):  # e.g. the empty DynamicCache generate() made
-            cache = ETCCache(config=self.config)
-        hidden_states, layout = self._baseline_language_model(
-            input_ids, features, image_token_mask, attention_mask, position_ids, labels, cache if prefill else None
-        )
-        length = input_ids.shape[1]
-        user_hidden = _gather_rows(hidden_states, layout.user_index(length))  # (B, L, H)
-        logits = self.lm_head(slice_logits_to_keep(user_hidden, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
-        if prefill:
-            cache.etc_state = layout.cache_state(length, user_next_position(attention_mask, position_ids, input_ids))
-        return LlavaCausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=cache if prefill else None, image_outputs=encoded
-        )
-
-    def _baseline_language_model(
-        self, input_ids, features, image_token_mask, attention_mask, position_ids, labels, cache
-    ) -> tuple[torch.Tensor, CompressedLayout]:
-        """Run the language model on the compressed sequence (`BaselineMethod.language_pass`): last hidden states
-        `(B, S, H)` and its layout."""
-        baseline = self.baseline
-        config = baseline.config
-        num_visual = baseline.geometry.num_visual_tokens
-        spans = find_image_spans(image_token_mask, [num_visual] * len(features))
+        geometry = self.baseline.geometry
+        spans = find_image_spans(self._baseline_visual_token_mask(input_ids), [geometry.num_visual_tokens] * len(features))
         batch_size, length = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch_size, length, input_ids.device)
         position_ids = position_ids.expand(batch_size, length)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, H)
-        expected = config.num_tokens if baseline.implementation.reduces_while_encoding else num_visual
-        counts = {f.shape[0] for f in features}
-        if counts != {expected}:
-            raise ValueError(
-                f"baseline {config.method!r}: image features have {sorted(counts)} tokens per image, expected "
-                f"{expected} (were they encoded before apply_baseline?)"
-            )
-        image_features = torch.stack(features).to(inputs_embeds.device, inputs_embeds.dtype)  # (I, n, H)
-        inputs = LanguageInputs(
-            input_ids, inputs_embeds, image_features, image_token_mask, spans, mask, position_ids, labels, cache
-        )
-        return baseline.implementation.language_pass(self, inputs)
+        return EncodedPrompt(
+            features=features, sources=None, grids=[geometry.grid] * len(features), spans=spans,
+            position_ids=position_ids, encoder_outputs=encoded,
+        )  # fmt: skip
 
-    def _baseline_shortened_pass(self, inputs: LanguageInputs, image_features: torch.Tensor):
-        """Each image's K tokens `image_features` `(I, K, H)` take its first K placeholders; the shorter sequence runs
-        in one pass. Returns `(last hidden states, CompressedLayout)`."""
-        num_tokens = self.baseline.config.num_tokens
-        spans = inputs.spans
-        slots = spans.start[:, None] + torch.arange(num_tokens, device=inputs.input_ids.device)[None]  # (I, K)
-        inputs_embeds = inputs.inputs_embeds.index_put((spans.row[:, None].expand_as(slots), slots), image_features)
-        layout = shorten_sequence(spans, inputs.mask, inputs.position_ids, num_tokens)
-        outputs = self.model.language_model(
-            inputs_embeds=layout.gather(inputs_embeds),
-            attention_mask=layout.valid.long(),
-            position_ids=layout.position_ids,
-            cache=inputs.cache,
-            use_cache=inputs.cache is not None,
-        )
-        return outputs.last_hidden_state, layout
-
-
-# ============================================================================ forward's helpers
-def continuation_inputs(model, cache, state, input_ids, attention_mask, position_ids, has_images) -> dict:
-    """The forward's arguments for the tokens a compressed cache does not hold yet (decoding, or a follow-up question
-    or turn without images): only those tokens, with the mask and positions mapped onto the compacted cache."""
-    if input_ids is None:
-        raise ValueError("baseline decoding needs input_ids")
-    cache_length = cache.get_seq_length()
-    input_ids, position_ids, _, new = new_tokens(cache, input_ids, attention_mask, position_ids)
-    if has_images and bool((input_ids == model.config.image_token_id).any()):  # (a generated id is text)
-        raise NotImplementedError(
-            "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
-            "cache for a prompt with new images"
-        )
-    mask, positions = state.decode_inputs(cache_length, new, attention_mask, position_ids)
-    return dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, pixel_values=None,
-                mm_encoder_outputs=None)  # fmt: skip
-
-
-def check_inputs(model, input_ids, inputs_embeds, has_images, labels, vision_feature_layer, kwargs) -> None:
-    """What a compressing forward needs: input_ids (the images are found by their placeholders), pixel values for
-    the placeholders, labels in the user's layout, a call the method supports, no hidden states / attentions."""
-    if input_ids is None or inputs_embeds is not None:
-        raise ValueError("baseline: needs input_ids (not inputs_embeds) to find the images")
-    if not has_images:
-        raise ValueError("baseline: input_ids contain image tokens but no pixel_values were given")
-    if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
-    model.baseline.implementation.check_call(model, vision_feature_layer)
-    for flag in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(flag):
-            raise NotImplementedError(f"baseline: {flag} is not supported with compression enabled")
+    def _baseline_output(self, loss, logits, cache, encoder_outputs) -> LlavaCausalLMOutputWithPast:
+        return LlavaCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, image_outputs=encoder_outputs)

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from .grid import grid_shape
+from .grid import grid_shape, subsample_index
 from .registry import BaselineMethod, register_method
 
 __all__ = ["MeanPooling", "mean_pool"]
@@ -42,3 +42,8 @@ class MeanPooling(ProjectedReduction):
 
     def reduce_projected(self, features, config, geometry):
         return mean_pool(features, geometry.grid, config.num_tokens)
+
+    def reduce_image(self, tokens, grid, config, evidence):
+        """The cells' means; each stands for its cell's centre token (`subsample_index`)."""
+        pooled = mean_pool(tokens[None], grid, config.num_tokens)[0]
+        return pooled, subsample_index(grid, config.num_tokens, tokens.device)

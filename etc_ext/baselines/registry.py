@@ -2,12 +2,14 @@
 `register_method`. A new method is one module: a `BaselineMethod` subclass decorated with `register_method` (and an
 import line in `etc_ext/baselines/__init__.py`, which sets the order of `METHODS`).
 
-A method acts at one or more points of a model's forward; the model integration (`etc_ext.baselines.llava`) calls
-it there:
+A method acts at one or more points of a model's forward; the model integration (`etc_ext.baselines.model`, with
+an adapter per backbone) calls it there:
 
 - `install(model)`: hooks on the model when the baseline is applied (the vision-side methods reduce the image
   features while the images are encoded, so that `get_image_features` returns K tokens per image);
 - `check_call(model, vision_feature_layer)`: arguments of a call the method cannot honour;
+- `reduce_image(tokens, grid, config, evidence)`: the same reduction for one image, after encoding, on backbones
+  whose images differ in size (Qwen3-VL: no fixed grid to hook);
 - `language_pass(model, inputs)`: the language model's pass over the prompt with the image features
   (`LanguageInputs`); the default replaces each image's N placeholders by its K tokens and runs the shorter
   sequence once (`model._baseline_shortened_pass`).
@@ -26,19 +28,30 @@ __all__ = ["BaselineMethod", "LanguageInputs", "register_method", "method_class"
 
 @dataclass
 class LanguageInputs:
-    """What a method's `language_pass` gets: the prompt (user layout) with its image features.
+    """What a method's `language_pass` gets: the prompt (user layout) with its images' features.
 
     Attributes:
         input_ids: `(B, L)`; inputs_embeds: `(B, L, H)` (the text embeddings; the image placeholders' rows are not
-            filled yet); image_features: `(I, n, H)` per image, n = K for methods that reduce while encoding, else N.
+            filled yet).
+        features: per image `(n_i, H + E)`: its n_i tokens for the language model (n_i = K for methods that reduce
+            while encoding, else the image's N_i), with E channels of per-token extras after the H of the input
+            embedding (Qwen3-VL's DeepStack features, flattened; E = 0 on LLaVA). A method merges or selects whole
+            rows, so the extras follow their tokens.
+        sources: per image `(n_i,)` index, within the image's N_i tokens, of the token each feature stands for (the
+            M-RoPE backbones place an entry at that token's positions), or None (the features are the image's own
+            tokens, or the backbone does not need it).
+        grids: per image `(gh, gw)`, its token grid (row-major).
         image_token_mask: bool `(B, L)`; spans: the images' `ImageSpans`; mask: `(B, L)` attention mask (ones when
-            none was given); position_ids: `(B, L)`; labels: `(B, L)` or None (answer tokens are never queries).
+            none was given); position_ids: `(B, L)`, or `(3, B, L)` M-RoPE; labels: `(B, L)` or None (answer tokens
+            are never queries).
         cache: the `ETCCache` to fill (the prefill) or None.
     """
 
     input_ids: torch.Tensor
     inputs_embeds: torch.Tensor
-    image_features: torch.Tensor
+    features: list
+    sources: Optional[list]
+    grids: list
     image_token_mask: torch.Tensor
     spans: object
     mask: torch.Tensor
@@ -46,9 +59,22 @@ class LanguageInputs:
     labels: Optional[torch.Tensor]
     cache: object
 
+    @property
+    def hidden_size(self) -> int:
+        return self.inputs_embeds.shape[-1]
+
     def with_image_features(self) -> torch.Tensor:
         """`inputs_embeds` with each image's N placeholders filled by its N features (the uncompressed prompt)."""
-        return self.inputs_embeds.masked_scatter(self.image_token_mask[..., None], self.image_features)
+        features = torch.cat(self.features)[:, : self.hidden_size]
+        return self.inputs_embeds.masked_scatter(self.image_token_mask[..., None], features.to(self.inputs_embeds))
+
+    def user_extras(self) -> Optional[torch.Tensor]:
+        """`(B, L, E)` the per-token extras of the uncompressed prompt (zeros off the images), or None when E = 0."""
+        features = torch.cat(self.features)
+        if features.shape[-1] == self.hidden_size:
+            return None
+        extras = features.new_zeros(*self.image_token_mask.shape, features.shape[-1] - self.hidden_size)
+        return extras.masked_scatter(self.image_token_mask[..., None], features[:, self.hidden_size :])
 
 
 class BaselineMethod:
@@ -61,6 +87,8 @@ class BaselineMethod:
     options: ClassVar[dict] = {}
     # Whether the image features leave the encoder with K tokens per image (`get_image_features` returns K).
     reduces_while_encoding: ClassVar[bool] = False
+    # Whether `reduce_image` reads the vision tower's attention (`evidence`), which such backbones then record.
+    records_vision_attention: ClassVar[bool] = False
 
     def needs_grid(self, config: "BaselineConfig") -> bool:
         """Whether the method lays tokens out on the patch grid (so the [CLS] feature must not be among them)."""
@@ -76,9 +104,15 @@ class BaselineMethod:
     def check_call(self, model, vision_feature_layer) -> None:
         """Raise ValueError for call arguments the method cannot honour."""
 
+    def reduce_image(self, tokens: torch.Tensor, grid, config: "BaselineConfig", evidence: dict):
+        """For backbones whose images differ in size (Qwen3-VL), which call this after encoding instead of `install`'s
+        hooks (methods that reduce while encoding): one image's `(N, C)` tokens on its `grid` -> `(K, C)` and the
+        `(K,)` index of the token each stands for. `evidence`: what the backbone recorded while encoding it."""
+        raise NotImplementedError(f"baseline {self.name!r} has no per-image reduction")
+
     def language_pass(self, model, inputs: LanguageInputs):
         """The language model over the compressed prompt: `(last hidden states (B, S, H), CompressedLayout)`."""
-        return model._baseline_shortened_pass(inputs, inputs.image_features)
+        return model._baseline_shortened_pass(inputs, inputs.features, inputs.sources)
 
 
 METHOD_CLASSES: dict = {}  # name -> BaselineMethod subclass, in registration order

@@ -19,6 +19,8 @@ __all__ = [
     "BaselineCacheState",
     "cache_visual_entries",
     "user_next_position",
+    "gather_positions",
+    "last_position",
 ]
 
 
@@ -58,7 +60,7 @@ class CompressedLayout:
             padding (rows are right-aligned).
         anchor: `(B, S)` increasing: the user position from which on an entry gives the user-layout logits, -1 at
             padding.
-        position_ids: `(B, S)` positions of the entries (0 at padding).
+        position_ids: `(B, S)` positions of the entries (0 at padding), `(A, B, S)` for multi-axis positions.
         visual: bool `(B, S)`, True at visual entries.
     """
 
@@ -85,7 +87,7 @@ class CompressedLayout:
     def cache_state(self, input_length: int, user_next_position: torch.Tensor) -> "BaselineCacheState":
         """The decoding state of a cache filled with this sequence (`user_next_position`: `(B,)` the user layout's
         position after each row's last token)."""
-        next_position = self.position_ids.masked_fill(~self.valid, -1).amax(-1) + 1
+        next_position = last_position(self.position_ids, self.valid) + 1
         return BaselineCacheState(
             attention_mask=self.valid,
             input_length=input_length,
@@ -114,17 +116,22 @@ def shorten_sequence(
     attention_mask: Optional[torch.Tensor],
     position_ids: torch.Tensor,
     num_tokens: int,
+    sources: Optional[torch.Tensor] = None,
 ) -> CompressedLayout:
     """Each image's N placeholders become K entries (the first K placeholders hold them), the others leave.
 
-    Positions: the K entries of an image take its first K positions, and every later token moves up by N - K per
-    earlier image, as if the image had been encoded to K tokens.
+    Positions, without `sources` (1-D positions, LLaVA): the K entries of an image take its first K positions, and
+    every later token moves up by N - K per earlier image, as if the image had been encoded to K tokens. With
+    `sources` (M-RoPE, Qwen3-VL, where an image's positions are its 2-D grid): entry k of image i takes the positions
+    of the visual token it stands for, user position `sources[i, k]` (a cell's centre, a kept token, a merge
+    target), and every other token keeps its own, so at K = N nothing moves.
 
     Args:
         spans: the images (N placeholders each, `spans.num_tokens`).
         attention_mask: `(B, L)` user padding mask, or None.
-        position_ids: `(B, L)` user positions.
+        position_ids: `(B, L)` user positions, or `(A, B, L)` for multi-axis positions (M-RoPE).
         num_tokens: K.
+        sources: int64 `(I, K)` user position of the visual token each entry stands for, or None.
     """
     batch_size, length = position_ids.shape[-2:]
     device = position_ids.device
@@ -143,15 +150,20 @@ def shorten_sequence(
     spread = start + torch.div((rank + 1) * sizes + num_tokens - 1, num_tokens, rounding_mode="floor") - 1
     anchor = torch.where(slot, spread, torch.arange(length, device=device).expand(batch_size, length))
 
-    # Later tokens move up by N - K per image that ends at or before them.
-    removed = torch.zeros(batch_size, length + 1, dtype=torch.long, device=device)
-    removed.index_put_((spans.row, spans.end), spans.num_tokens - num_tokens, accumulate=True)
-    positions = position_ids - removed[:, :length].cumsum(-1)
+    if sources is None:  # later tokens move up by N - K per image that ends at or before them
+        removed = torch.zeros(batch_size, length + 1, dtype=torch.long, device=device)
+        removed.index_put_((spans.row, spans.end), spans.num_tokens - num_tokens, accumulate=True)
+        positions = position_ids - removed[:, :length].cumsum(-1)
+    else:  # each slot reads the positions of the token its entry stands for
+        source = torch.arange(length, device=device).repeat(batch_size, 1)  # (B, L)
+        slots = spans.start[:, None] + torch.arange(num_tokens, device=device)[None]  # (I, K)
+        source[spans.row[:, None].expand_as(slots), slots] = sources
+        positions = _along_positions(position_ids, lambda p: p.gather(1, source[..., None].expand_as(p)))
 
     return CompressedLayout(
         index=index,
         anchor=_gather_rows(anchor, index).masked_fill(~valid, -1),
-        position_ids=_gather_rows(positions, index),
+        position_ids=gather_positions(positions, index),
         visual=_gather_rows(slot, index),
     )
 
@@ -159,14 +171,36 @@ def shorten_sequence(
 def pruned_sequence(
     keep: torch.Tensor, image_token_mask: torch.Tensor, position_ids: torch.Tensor
 ) -> CompressedLayout:
-    """The kept tokens (bool `keep` `(B, L)`), in order, at their own positions (FastV)."""
+    """The kept tokens (bool `keep` `(B, L)`), in order, at their own positions (FastV); `position_ids` `(B, L)` or
+    `(A, B, L)`."""
     index = right_aligned_index(keep)
     return CompressedLayout(
         index=index,
         anchor=index,
-        position_ids=_gather_rows(position_ids, index),
+        position_ids=gather_positions(position_ids, index),
         visual=_gather_rows(image_token_mask, index),
     )
+
+
+def _along_positions(position_ids: torch.Tensor, fn) -> torch.Tensor:
+    """`fn` applied to positions as `(B, L, A)` (A axes, 1 for `(B, L)` positions); the result in the input's
+    layout (`(B, S)` or `(A, B, S)`)."""
+    per_row = position_ids[..., None] if position_ids.dim() == 2 else position_ids.permute(1, 2, 0)
+    out = fn(per_row)
+    return out[..., 0] if position_ids.dim() == 2 else out.permute(2, 0, 1)
+
+
+def gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Positions `(B, L)` or `(A, B, L)` at `index` `(B, S)` along L, 0 where index is -1."""
+    return _along_positions(position_ids, lambda p: _gather_rows(p, index))
+
+
+def last_position(position_ids: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`(B,)` the largest position of each row over the axes and the `valid` `(B, L)` entries."""
+    positions = position_ids if position_ids.dim() == 2 else position_ids.amax(0)
+    if valid is not None:
+        positions = positions.masked_fill(~valid, -1)
+    return positions.amax(-1)
 
 
 def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -209,11 +243,11 @@ def cache_visual_entries(cache) -> torch.Tensor:
 
 
 def user_next_position(attention_mask, position_ids, input_ids) -> torch.Tensor:
-    """`(B,)` the user layout's position after each row's last real token."""
+    """`(B,)` the user layout's position after each row's last real token (`position_ids` `(B, L)` or
+    `(A, B, L)`: the largest over the axes, as text after an M-RoPE image is numbered)."""
     batch_size, length = input_ids.shape
     if position_ids is None:
         position_ids = default_position_ids(attention_mask, batch_size, length, input_ids.device)
-    position_ids = position_ids.expand(batch_size, length)
-    if attention_mask is not None:
-        position_ids = position_ids.masked_fill(~attention_mask.bool(), -1)
-    return position_ids.amax(-1) + 1
+    position_ids = position_ids.expand(*position_ids.shape[:-2], batch_size, length)
+    valid = None if attention_mask is None else attention_mask.bool()
+    return last_position(position_ids, valid) + 1

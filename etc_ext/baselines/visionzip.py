@@ -45,16 +45,27 @@ def visionzip_merge(
 
     Returns `[cls (keep_cls), dominant patches in patch order, contextual tokens in target order]`.
     """
-    images, _, channels = tokens.shape
-    cls_token, patches = tokens[:, :1], tokens[:, 1:]  # (I, 1, C), (I, P, C)
-    patch_keys = keys[:, 1:]
-    num_patches = patches.shape[1]
-    num_dominant = dominant - int(keep_cls)
-    device = tokens.device
+    merged, _ = merge_patches(tokens[:, 1:], cls_attention, keys[:, 1:], dominant - int(keep_cls), contextual)
+    return torch.cat([tokens[:, :1], merged], dim=1) if keep_cls else merged
 
-    top = cls_attention.topk(num_dominant, dim=-1).indices.sort(dim=-1).values  # (I, Dp)
-    parts = [cls_token] if keep_cls else []
-    parts.append(patches.gather(1, top[..., None].expand(-1, -1, channels)))
+
+def merge_patches(
+    patches: torch.Tensor, attention: torch.Tensor, patch_keys: torch.Tensor, num_dominant: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip on patches: the `num_dominant` most attended patches, then `contextual` merged tokens.
+
+    Args:
+        patches: `(I, P, C)`; attention: `(I, P)` how much attention each patch gets (any positive scale);
+            patch_keys: `(I, P, D)` head-averaged keys (cosine similarity picks each patch's target).
+
+    Returns `(I, num_dominant + contextual, C)` (`[dominant patches in patch order, contextual tokens in target
+    order]`) and `(I, num_dominant + contextual)` the patch each stands for (itself, or the target).
+    """
+    images, num_patches, channels = patches.shape
+    device = patches.device
+
+    top = attention.topk(num_dominant, dim=-1).indices.sort(dim=-1).values  # (I, Dp)
+    parts, sources = [patches.gather(1, top[..., None].expand(-1, -1, channels))], [top]
     if contextual > 0:
         is_dominant = torch.zeros(images, num_patches, dtype=torch.bool, device=device)
         is_dominant.scatter_(1, top, True)
@@ -74,7 +85,8 @@ def visionzip_merge(
         group_mean = group_mean * (counts > 0)[..., None].to(group_mean.dtype)
         target_tokens = patches.gather(1, targets[..., None].expand(-1, -1, channels))
         parts.append(target_tokens + group_mean)
-    return torch.cat(parts, dim=1)
+        sources.append(targets)
+    return torch.cat(parts, dim=1), torch.cat(sources, dim=1)
 
 
 class RecordInto:
@@ -93,10 +105,17 @@ class RecordInto:
 @register_method
 class VisionZip(BaselineMethod):
     name = "visionzip"
-    options = {"dominant": None, "keep_cls": True}
+    options = {"dominant": None, "keep_cls": None}
     reduces_while_encoding = True
+    records_vision_attention = True  # backbones without a fixed grid record the evidence `reduce_image` reads
 
     def check(self, config, geometry) -> None:
+        if config.keep_cls is None:  # VisionZip keeps the [CLS] feature where the tower has one
+            config.keep_cls = geometry.cls_token
+        if config.keep_cls and not geometry.cls_token:
+            raise ValueError("visionzip: keep_cls=True needs a vision tower with a [CLS] token; this one has none")
+        if geometry.grid is None:
+            return  # each image is checked when it arrives
         num_patches = geometry.grid[0] * geometry.grid[1]
         dominant, contextual = visionzip_split(config.num_tokens, config.dominant)
         dominant_patches = dominant - int(config.keep_cls)
@@ -117,6 +136,16 @@ class VisionZip(BaselineMethod):
             layer.register_forward_hook(RecordInto(baseline, "hidden")),
             model._baseline_projector().register_forward_pre_hook(model._baseline_reduce_projector_input),
         ]
+
+    def reduce_image(self, tokens, grid, config, evidence):
+        """A tower without [CLS] (Qwen3-VL), after encoding: the dominant tokens are those the last vision layer's
+        queries attend to most (`evidence["received"]` `(N,)`, averaged over heads and queries: VisionZip's rule for
+        models without [CLS]); the others merge into contextual tokens by their keys (`evidence["keys"]` `(N, D)`)."""
+        dominant, contextual = visionzip_split(config.num_tokens, config.dominant)
+        merged, sources = merge_patches(
+            tokens[None], evidence["received"][None], evidence["keys"][None], dominant, contextual
+        )
+        return merged[0], sources[0]
 
     def check_call(self, model, vision_feature_layer) -> None:
         if vision_feature_layer is not None and vision_feature_layer != model.config.vision_feature_layer:

@@ -45,6 +45,101 @@ def tiny_llava(*, attn_implementation="sdpa", seed=0, hidden_size=32, num_layers
     return model.eval()
 
 
+# A tiny random Qwen3-VL (real Qwen3VLConfig) shared by the ETC and baseline tests, and batches laid out as
+# Qwen3VLProcessor lays them out: `<|vision_start|><|image_pad|>*n<|vision_end|>` with n = t*h*w / merge**2, videos as
+# one such run per temporal group after a timestamp, pixel_values `(sum t*h*w, C*temporal_patch*patch**2)`.
+PAD, IMAGE, VIDEO, VISION_START, VISION_END = 0, 120, 121, 122, 123
+PATCH, MERGE, TEMPORAL_PATCH = 2, 2, 2
+PIXEL_DIM = 3 * TEMPORAL_PATCH * PATCH * PATCH  # 24 values per patch
+HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-VL-2B's attention
+
+
+def tiny_qwen3_vl(attn_implementation="sdpa", seed=0, hidden_size=64, num_layers=2):
+    """A `Qwen3VLForConditionalGeneration` with random weights (`seed`), in eval mode, generating fixed lengths: the
+    LLM has Qwen3-VL-2B's attention shape (16 query heads on 8 kv heads of 128, interleaved M-RoPE sections [24, 20,
+    20]) on a narrow residual stream; the vision tower feeds DeepStack features into the first two LLM layers."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=128, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=num_layers,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=512,
+            pad_token_id=PAD,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True
+            },
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL_PATCH, out_hidden_size=hidden_size, num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    model = Qwen3VLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    return model.eval()
+
+
+def qwen3_vl_batch(rows, seed=1, answer=0):
+    """rows: per sample, a list of segments: an int k = k random text tokens; ("I", h, w) = an image of h x w
+    patches ((h/2)*(w/2) tokens); ("V", t, h, w) = a video of t temporal groups, each "<t s>" (2 text tokens) then its
+    run of (h/2)*(w/2) video tokens. Left padded. Returns the processor-like inputs, labels (the last `answer` real
+    tokens of each row, -100 elsewhere) and, per row, the token counts of its images / temporal groups."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences, units = [], []
+    image_grids, video_grids, image_patches, video_patches = [], [], 0, 0
+
+    def text(k):
+        return torch.randint(3, 100, (k,), generator=generator).tolist()
+
+    for row in rows:
+        tokens, row_units = [], []
+        for segment in row:
+            if isinstance(segment, int):
+                tokens += text(segment)
+            elif segment[0] == "I":
+                _, h, w = segment
+                n = h * w // MERGE**2
+                tokens += [VISION_START] + [IMAGE] * n + [VISION_END]
+                image_grids.append([1, h, w])
+                image_patches += h * w
+                row_units.append(n)
+            else:
+                _, t, h, w = segment
+                n = h * w // MERGE**2
+                for _ in range(t):
+                    tokens += text(2) + [VISION_START] + [VIDEO] * n + [VISION_END]
+                    row_units.append(n)
+                video_grids.append([t, h, w])
+                video_patches += t * h * w
+        sequences.append(tokens)
+        units.append(row_units)
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, tokens in enumerate(sequences):
+        input_ids[i, length - len(tokens) :] = torch.tensor(tokens)
+        attention_mask[i, length - len(tokens) :] = 1
+        if answer:
+            labels[i, length - answer :] = input_ids[i, length - answer :]
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long(),
+    }
+    if image_grids:
+        inputs["pixel_values"] = torch.randn(image_patches, PIXEL_DIM, generator=generator)
+        inputs["image_grid_thw"] = torch.tensor(image_grids)
+    if video_grids:
+        inputs["pixel_values_videos"] = torch.randn(video_patches, PIXEL_DIM, generator=generator)
+        inputs["video_grid_thw"] = torch.tensor(video_grids)
+    return inputs, labels, units
+
+
 def assert_refused_alike(functions, call, error, message: str) -> None:
     """Each of `functions` (an op's wrapper, `torch.ops.etc_ext.<op>` and its fake) refuses `call(function)` with
     `error` and a message holding `message`: the checks are written once in C++ (csrc/checks.h) and mirrored by the

@@ -10,7 +10,9 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from conftest import HEAD_DIM, HEADS, IMAGE, KV_HEADS, VIDEO, tiny_qwen3_vl  # shared with the baseline tests
+from conftest import qwen3_vl_batch as make_batch
+from transformers import Qwen3VLForConditionalGeneration
 
 import etc_ext  # noqa: F401  (loads the ops)
 from etc_ext.compress import COMPRESSION, TEXT, VISUAL, ETCCache, bottleneck_mask, etc_prefill
@@ -30,96 +32,11 @@ from etc_ext.models.qwen3_vl import (
     save_pretrained,
 )
 
-PAD, IMAGE, VIDEO, VISION_START, VISION_END = 0, 120, 121, 122, 123
-PATCH, MERGE, TEMPORAL_PATCH = 2, 2, 2
-PIXEL_DIM = 3 * TEMPORAL_PATCH * PATCH * PATCH  # 24 values per patch
-HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-VL-2B's attention
 M = 2
-
-
-def tiny_qwen3_vl(attn_implementation="sdpa", seed=0, hidden_size=64, num_layers=2):
-    torch.manual_seed(seed)
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=128, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=512,
-            pad_token_id=PAD,
-            rope_parameters={
-                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True
-            },
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
-            temporal_patch_size=TEMPORAL_PATCH, out_hidden_size=hidden_size, num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1],
-        ),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-    )  # fmt: skip
-    model = Qwen3VLForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.eos_token_id = None  # fixed-length generations
-    return model.eval()
 
 
 def small_config(**changes):
     return ETCConfig(**{"num_compression_tokens": M, "decoder_hidden_size": 16, "decoder_num_layers": 1, **changes})
-
-
-def make_batch(rows, seed=1, answer=0):
-    """rows: per sample, a list of segments: an int k = k random text tokens; ("I", h, w) = an image of h x w
-    patches ((h/2)*(w/2) tokens); ("V", t, h, w) = a video of t temporal groups, each "<t s>" (2 text tokens) then its
-    run of (h/2)*(w/2) video tokens. Left padded. Returns the processor-like inputs, labels (the last `answer` real
-    tokens of each row, -100 elsewhere) and, per row, the token counts of its images / temporal groups."""
-    generator = torch.Generator().manual_seed(seed)
-    sequences, units = [], []
-    image_grids, video_grids, image_patches, video_patches = [], [], 0, 0
-
-    def text(k):
-        return torch.randint(3, 100, (k,), generator=generator).tolist()
-
-    for row in rows:
-        tokens, row_units = [], []
-        for segment in row:
-            if isinstance(segment, int):
-                tokens += text(segment)
-            elif segment[0] == "I":
-                _, h, w = segment
-                n = h * w // MERGE**2
-                tokens += [VISION_START] + [IMAGE] * n + [VISION_END]
-                image_grids.append([1, h, w])
-                image_patches += h * w
-                row_units.append(n)
-            else:
-                _, t, h, w = segment
-                n = h * w // MERGE**2
-                for _ in range(t):
-                    tokens += text(2) + [VISION_START] + [VIDEO] * n + [VISION_END]
-                    row_units.append(n)
-                video_grids.append([t, h, w])
-                video_patches += t * h * w
-        sequences.append(tokens)
-        units.append(row_units)
-    length = max(map(len, sequences))
-    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, tokens in enumerate(sequences):
-        input_ids[i, length - len(tokens) :] = torch.tensor(tokens)
-        attention_mask[i, length - len(tokens) :] = 1
-        if answer:
-            labels[i, length - answer :] = input_ids[i, length - answer :]
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long(),
-    }
-    if image_grids:
-        inputs["pixel_values"] = torch.randn(image_patches, PIXEL_DIM, generator=generator)
-        inputs["image_grid_thw"] = torch.tensor(image_grids)
-    if video_grids:
-        inputs["pixel_values_videos"] = torch.randn(video_patches, PIXEL_DIM, generator=generator)
-        inputs["video_grid_thw"] = torch.tensor(video_grids)
-    return inputs, labels, units
 
 
 # Same chat prefix, images of different sizes across the rows, questions of different lengths (left padding).

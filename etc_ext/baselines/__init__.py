@@ -78,6 +78,7 @@ from .grid import grid_shape, spatial_groups  # noqa: E402
 from .instruction_merge import first_pass_scores  # noqa: E402
 from .llava import BaselineLlavaForConditionalGeneration  # noqa: E402
 from .model import Baseline, BaselineMixin  # noqa: E402
+from .qwen3_vl import BaselineQwen3VLForConditionalGeneration  # noqa: E402
 from .mean import mean_pool  # noqa: E402
 from .merging import group_logits, merge_groups, similarity_groups  # noqa: E402
 from .registry import METHOD_CLASSES, BaselineMethod, register_method  # noqa: E402
@@ -107,7 +108,9 @@ __all__ = [
     "BaselineCacheState",
     "CompressedLayout",
     "FastVPruner",
+    "BaselineMixin",
     "BaselineLlavaForConditionalGeneration",
+    "BaselineQwen3VLForConditionalGeneration",
     "apply_baseline",
     "remove_baseline",
     "register_baseline_class",

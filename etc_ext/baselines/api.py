@@ -3,17 +3,21 @@
 from dataclasses import fields
 
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from ..models.common import unwrap_peft
 from .config import BaselineConfig
 from .llava import BaselineLlavaForConditionalGeneration
 from .model import Baseline
+from .qwen3_vl import BaselineQwen3VLForConditionalGeneration
 
 __all__ = ["apply_baseline", "remove_baseline", "register_baseline_class"]
 
 # ============================================================================ public API
-_BASELINE_CLASSES: dict = {LlavaForConditionalGeneration: BaselineLlavaForConditionalGeneration}
+_BASELINE_CLASSES: dict = {
+    LlavaForConditionalGeneration: BaselineLlavaForConditionalGeneration,
+    Qwen3VLForConditionalGeneration: BaselineQwen3VLForConditionalGeneration,
+}
 _SUBCLASSES: dict = {}
 
 
@@ -42,10 +46,12 @@ def apply_baseline(model: nn.Module, method: str, num_tokens: int, **options) ->
     """Make `model` keep `num_tokens` visual entries per image with a training-free compressor, in place.
 
     Args:
-        model: a `LlavaForConditionalGeneration` (or a subclass, or a `peft.PeftModel` around one).
+        model: a `LlavaForConditionalGeneration` or `Qwen3VLForConditionalGeneration` (or a subclass, or a
+            `peft.PeftModel` around one).
         method: a registered method (`METHODS`: "mean", "subsample", "fastv", "visionzip", "instruction_merge"; see
             the package docstring).
-        num_tokens: K, 1 <= K <= N (the model's visual tokens per image).
+        num_tokens: K, 1 <= K <= N (the model's visual tokens per image; on Qwen3-VL, per image or video temporal
+            group, checked as each arrives).
         options: the method's options (`BaselineConfig`): fastv `layer`, `query`; instruction_merge `layer`, `query`,
             `grouping`; visionzip `dominant`, `keep_cls`.
 

@@ -1,7 +1,6 @@
-// Operator schemas of the etc_ext library and their CPU implementations. The CUDA
-// implementations register themselves in csrc/cuda/*.cu with TORCH_LIBRARY_IMPL.
-#include "ops.h"
-
+// Operator schemas of the etc_ext library, all of them. Each kernel file registers its
+// implementation with TORCH_LIBRARY_IMPL: csrc/cpu/<op>.cpp for CPU, csrc/cuda/<op>.cu for
+// CUDA (as the kernels' declarations are needed nowhere else, there is no header of them).
 #include <torch/library.h>
 
 TORCH_LIBRARY(etc_ext, m) {
@@ -33,13 +32,6 @@ TORCH_LIBRARY(etc_ext, m) {
       "write_compressed_kv_layers(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
       "Tensor[] keys, Tensor[] values, Tensor slot_mapping, *, Tensor? weights=None, "
       "Tensor? index=None) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
-  m.impl("cross_attn_scores", &etc_ext::cross_attn_scores_cpu);
-  m.impl("weighted_aggregate", &etc_ext::weighted_aggregate_cpu);
-  m.impl("write_compressed_kv", &etc_ext::write_compressed_kv_cpu);
-  m.impl("write_compressed_kv_layers", &etc_ext::write_compressed_kv_layers_cpu);
 }
 
 // The Python module etc_ext._C: importing it loads this library and registers the ops.

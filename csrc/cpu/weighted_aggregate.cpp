@@ -17,7 +17,6 @@
 // width, and a register tile that fits its register file. The split into tasks and the
 // per-thread buffers are decided here, once, for every instruction set alike.
 #include "../checks.h"
-#include "../ops.h"
 #include "cpu_capability.h"
 #include "float_convert.h"
 #include "vec_math.h"
@@ -25,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -564,6 +564,10 @@ at::Tensor weighted_aggregate_cpu(const at::Tensor& x,       // [B, N, C]
     if constexpr (!std::is_same_v<scalar_t, float>) aggregate_converted<scalar_t>(x_rows, logits_acc, bias, out);
   });
   return out;
+}
+
+TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
+  m.impl("weighted_aggregate", &weighted_aggregate_cpu);
 }
 
 }  // namespace etc_ext

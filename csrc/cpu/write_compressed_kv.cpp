@@ -5,13 +5,13 @@
 // the Python wrapper before the call; here they are skipped, so a call with check=False
 // never writes out of bounds.
 #include "../checks.h"
-#include "../ops.h"
 #include "cpu_capability.h"
 #include "float_convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -263,6 +263,11 @@ void write_compressed_kv_layers_cpu(at::TensorList key_caches,    // L x [num_bl
                                     const std::optional<at::Tensor>& index) {  // int64 [B, K]
   check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index);
   write_layers_cpu(key_caches, value_caches, keys, values, slot_mapping, weights, index);
+}
+
+TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
+  m.impl("write_compressed_kv", &write_compressed_kv_cpu);
+  m.impl("write_compressed_kv_layers", &write_compressed_kv_layers_cpu);
 }
 
 }  // namespace etc_ext

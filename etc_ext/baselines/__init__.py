@@ -47,8 +47,8 @@ prompt + generated tokens would choose again); the other three ignore the text.
 
 Positions: "mean", "subsample", "visionzip" and "instruction_merge" feed the language model a shorter prompt, each
 image's N placeholders replaced by its K tokens, with positions as if the image had K tokens (the tokens after it
-move up by N - K), as these methods do in their papers; "fastv" keeps every position. Decoding maps generate()'s
-user-layout attention mask and positions onto the cache (`compress.ETCCacheState`).
+move up by N - K), as these methods do in their papers (on LLaVA; Qwen3-VL below); "fastv" keeps every position.
+Decoding maps generate()'s user-layout attention mask and positions onto the cache (`compress.ETCCacheState`).
 
 Outputs: logits are in the user's layout `(batch_size, sequence_length, vocab_size)` (`logits_to_keep` applies), so
 `labels` are the user's: a text token's logits are its own; within an image, the K entries are spread over the N
@@ -61,11 +61,17 @@ forward() without a cache and without `use_cache=True` returns no cache. The pre
 right-aligned; masked padding in front of shorter rows) whose state says which entries are real and which are
 visual: `cache_visual_entries(cache)`.
 
+On Qwen3-VL (`qwen3_vl`): each image or video temporal group is compressed on its own grid (after encoding:
+`BaselineMethod.reduce_image`), a kept entry takes the M-RoPE positions of the visual token it stands for (so the
+text keeps its positions), DeepStack's features follow their tokens (merged, selected and pruned with them), and
+"visionzip", without a [CLS] token there, keeps the tokens the last vision layer's queries attend to most.
+
 Layout of the package: one module per method (`mean`, `subsample`, `visionzip`, `fastv`, `instruction_merge`), each a
 `BaselineMethod` registered by name with its options (`registry`; a new method is one module plus its import below);
 `config` (the options, checked), `grid` and `merging` (shared tensor helpers), `sequence` (the compressed sequence
-and the prefill cache's state), `llava` (the LLaVA-1.5 integration: `BaselineLlavaForConditionalGeneration`) and
-`api` (`apply_baseline`, `remove_baseline`). Another model family registers its subclass with
+and the prefill cache's state), `model` (`BaselineMixin`: the forward's dispatch and passes, written once), the
+adapters `llava` (`BaselineLlavaForConditionalGeneration`) and `qwen3_vl` (`BaselineQwen3VLForConditionalGeneration`),
+and `api` (`apply_baseline`, `remove_baseline`). Another model family is one adapter registered with
 `register_baseline_class`; the methods take tensors and the integration's hooks, not a model class.
 """
 

@@ -165,7 +165,8 @@ class BaselineLlavaForConditionalGeneration(BaselineMixin, LlavaForConditionalGe
             )
         features = list(encoded.pooler_output)  # per image (n_i, H): K for vision-stage methods, else N
         geometry = self.baseline.geometry
-        spans = find_image_spans(self._baseline_visual_token_mask(input_ids), [geometry.num_visual_tokens] * len(features))
+        counts = [geometry.num_visual_tokens] * len(features)  # N placeholders each, whatever the method keeps
+        spans = find_image_spans(self._baseline_visual_token_mask(input_ids), counts)
         batch_size, length = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch_size, length, input_ids.device)

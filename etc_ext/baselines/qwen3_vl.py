@@ -1,5 +1,5 @@
-"""The baselines on Qwen3-VL (`transformers.Qwen3VLForConditionalGeneration`): `BaselineQwen3VLForConditionalGeneration`,
-Qwen3-VL's adapter for `etc_ext.baselines.model.BaselineMixin`.
+"""The baselines on Qwen3-VL (`transformers.Qwen3VLForConditionalGeneration`):
+`BaselineQwen3VLForConditionalGeneration`, Qwen3-VL's adapter for `etc_ext.baselines.model.BaselineMixin`.
 
 What differs from LLaVA:
 
@@ -276,7 +276,8 @@ class VisionAttentionRecorder:
         cos, sin = kwargs["position_embeddings"]
         attention = self.attention
         length = hidden_states.shape[0]
-        query, key, _ = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1)
+        query, key, _ = qkv.permute(1, 0, 2, 3).unbind(0)
         query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)  # (P, heads, D)
         group = self.merge**2
         chunks = []

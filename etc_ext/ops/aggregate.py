@@ -11,6 +11,7 @@ import torch
 
 from .. import reference
 from . import checks
+from .checks import KERNEL_FLOATS, check_dtype, check_dtype_in, check_rank, check_same_device, check_shape, shape
 
 __all__ = ["weighted_aggregate", "aggregation_weights"]
 
@@ -54,13 +55,13 @@ def aggregation_weights(
     is differentiable; it exists for callers that need w itself (e.g. write_compressed_kv's
     `weights`), the fused op never writes it.
     """
-    checks.check_merge_args(logits, importance, mask, "aggregation_weights", logits, "logits")
+    check_merge_args(logits, importance, mask, "aggregation_weights", logits, "logits")
     return reference.aggregation_weights(logits, importance, mask)
 
 
 @torch.library.register_fake("etc_ext::weighted_aggregate")
 def _weighted_aggregate_fake(x, logits, importance=None, mask=None):
-    checks.check_weighted_aggregate_args(x, logits, importance, mask)
+    check_weighted_aggregate_args(x, logits, importance, mask)
     return x.new_empty((x.shape[0], logits.shape[1], x.shape[2]))
 
 
@@ -119,3 +120,40 @@ torch.library.register_autograd(
     _weighted_aggregate_backward,
     setup_context=_weighted_aggregate_setup_context,
 )
+
+
+# ============================================================================ argument checks (the fake's)
+def check_merge_args(logits, importance, mask, op: str, ref: torch.Tensor, ref_name: str) -> None:
+    """logits [B, K, N], importance float32/float64 [B, N], mask bool [B, N], on ref's device."""
+    check_rank(logits, 3, op, "logits", "[B, K, N]")
+    check_dtype_in(logits, KERNEL_FLOATS, op, "logits")
+    if ref is not logits:
+        check_same_device(logits, ref, op, "logits", ref_name)
+    batch, tokens = logits.shape[0], logits.shape[2]
+    if importance is not None:
+        check_rank(importance, 2, op, "importance", "[B, N]")
+        check_shape(importance, (batch, tokens), op, "importance", "[B, N]")
+        torch._check_type(
+            importance.dtype in (torch.float32, torch.float64),
+            lambda: f"{op}: importance must be float32 (or float64), got {importance.dtype}",
+        )
+        check_same_device(importance, ref, op, "importance", ref_name)
+    if mask is not None:
+        check_rank(mask, 2, op, "mask", "[B, N]")
+        check_shape(mask, (batch, tokens), op, "mask", "[B, N]")
+        check_dtype(mask, torch.bool, op, "mask")
+        check_same_device(mask, ref, op, "mask", ref_name)
+
+
+def check_weighted_aggregate_args(x, logits, importance, mask) -> None:
+    op = "weighted_aggregate"
+    check_rank(x, 3, op, "x", "[B, N, C]")
+    check_rank(logits, 3, op, "logits", "[B, K, N]")
+    check_dtype_in(x, KERNEL_FLOATS, op, "x")
+    batch, tokens, _ = x.shape
+    torch._check_value(
+        logits.shape[0] == batch and logits.shape[2] == tokens,
+        lambda: f"{op}: logits must have shape [B, K, N] with B = {batch} and N = {tokens} from x {shape(x)}, got "
+        f"{shape(logits)}",
+    )
+    check_merge_args(logits, importance, mask, op, x, "x")

@@ -12,6 +12,10 @@ from typing import Optional, Sequence
 import torch
 
 from . import checks
+from .checks import (
+    KERNEL_FLOATS, check_dtype, check_dtype_in, check_rank, check_same_device, check_same_dtype, check_shape,
+    same_layout, shape,
+)
 
 __all__ = ["write_compressed_kv", "write_compressed_kv_layers"]
 
@@ -89,7 +93,7 @@ def write_compressed_kv(
     if check and not torch.compiler.is_compiling():
         # The value checks read the shapes, so the structure is checked first, with the fake's checks (the kernel
         # checks it again, as it does for callers of torch.ops.etc_ext directly): nothing is written when either fails.
-        checks.check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+        check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
         _check_slots_and_indices(key_cache, key, slot_mapping, index)
     torch.ops.etc_ext.write_compressed_kv.default(
         key_cache, value_cache, key, value, slot_mapping, weights=weights, index=index
@@ -98,7 +102,7 @@ def write_compressed_kv(
 
 @torch.library.register_fake("etc_ext::write_compressed_kv")
 def _write_compressed_kv_fake(key_cache, value_cache, key, value, slot_mapping, *, weights=None, index=None):
-    checks.check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
+    check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index)
     return None
 
 
@@ -130,7 +134,7 @@ def write_compressed_kv_layers(
     """
     key_caches, value_caches, keys, values = (list(t) for t in (key_caches, value_caches, keys, values))
     if check and not torch.compiler.is_compiling():
-        checks.check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
+        check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
         _check_slots_and_indices(key_caches[0], keys[0], slot_mapping, index)
     torch.ops.etc_ext.write_compressed_kv_layers.default(
         key_caches, value_caches, keys, values, slot_mapping, weights=weights, index=index
@@ -139,5 +143,89 @@ def write_compressed_kv_layers(
 
 @torch.library.register_fake("etc_ext::write_compressed_kv_layers")
 def _write_compressed_kv_layers_fake(key_caches, value_caches, keys, values, slot_mapping, *, weights=None, index=None):
-    checks.check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
+    check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index)
     return None
+
+
+# ============================================================================ argument checks (the fake's)
+def check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights, index) -> None:
+    """The structural checks (the data-dependent ones are `kv_write.check_slots_and_indices`; the memory-overlap
+    ones need real storage and exist in C++ only)."""
+    op = "write_compressed_kv"
+    check_rank(key, 4, op, "key", "[B, Hkv, N, D]")
+    check_rank(value, 4, op, "value", "[B, Hkv, N, D]")
+    check_rank(key_cache, 4, op, "key_cache", "[num_blocks, block_size, Hkv, D]")
+    check_rank(value_cache, 4, op, "value_cache", "[num_blocks, block_size, Hkv, D]")
+    check_dtype_in(key, KERNEL_FLOATS, op, "key")
+    check_dtype_in(key_cache, KERNEL_FLOATS, op, "key_cache")
+    check_same_dtype(value, key, op, "value", "key")
+    check_same_dtype(value_cache, key_cache, op, "value_cache", "key_cache")
+    check_shape(value, key.shape, op, "value", "[B, Hkv, N, D] like key")
+    batch, kv_heads, tokens, dim = key.shape
+    torch._check_value(
+        key_cache.shape[2] == kv_heads and key_cache.shape[3] == dim,
+        lambda: f"{op}: key_cache must have shape [num_blocks, block_size, Hkv, D] with Hkv = {kv_heads} and D = "
+        f"{dim} from key {shape(key)}, got {shape(key_cache)}",
+    )
+    check_shape(value_cache, key_cache.shape, op, "value_cache", "[num_blocks, block_size, Hkv, D] like key_cache")
+    check_same_device(value, key, op, "value", "key")
+    check_same_device(key_cache, key, op, "key_cache", "key")
+    check_same_device(value_cache, key, op, "value_cache", "key")
+
+    check_rank(slot_mapping, 2, op, "slot_mapping", "[B, K]")
+    torch._check_value(
+        slot_mapping.shape[0] == batch,
+        lambda: f"{op}: slot_mapping must have shape [B, K] with B = {batch} from key, got {shape(slot_mapping)}",
+    )
+    check_dtype(slot_mapping, torch.int64, op, "slot_mapping")
+    check_same_device(slot_mapping, key, op, "slot_mapping", "key")
+    entries = slot_mapping.shape[1]
+
+    torch._check_value(
+        (weights is None) != (index is None),
+        lambda: f"{op}: pass exactly one of weights [B, K, N] or index [B, K], got "
+        f"{'neither' if weights is None else 'both'}",
+    )
+    if index is not None:
+        check_rank(index, 2, op, "index", "[B, K]")
+        check_shape(index, (batch, entries), op, "index", "[B, K] like slot_mapping")
+        check_dtype(index, torch.int64, op, "index")
+        check_same_device(index, key, op, "index", "key")
+    else:
+        check_rank(weights, 3, op, "weights", "[B, K, N]")
+        check_shape(weights, (batch, entries, tokens), op, "weights", "[B, K, N]")
+        check_dtype(weights, torch.float32, op, "weights")
+        check_same_device(weights, key, op, "weights", "key")
+
+
+def check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index) -> None:
+    """write_compressed_kv's checks for every layer (prefixed with the layer), and the layers' common layout."""
+    op = "write_compressed_kv_layers"
+    lists = {"key_caches": key_caches, "value_caches": value_caches, "keys": keys, "values": values}
+    for name, tensors in lists.items():
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"{op}: {name} must be a list of tensors (one per layer), got {type(tensors).__name__}")
+    layers = len(keys)
+    torch._check_value(layers > 0, lambda: f"{op}: keys must hold at least one layer, got an empty list")
+    torch._check_value(
+        len(values) == layers and len(key_caches) == layers and len(value_caches) == layers,
+        lambda: f"{op}: key_caches, value_caches, keys and values must hold one tensor per layer, got "
+        f"{len(key_caches)}, {len(value_caches)}, {len(keys)} and {len(values)}",
+    )
+    for layer in range(layers):
+        try:
+            check_write_compressed_kv_args(
+                key_caches[layer], value_caches[layer], keys[layer], values[layer], slot_mapping, weights, index
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{op}: layer {layer}: {error}") from None
+    for name, tensors in lists.items():
+        first = tensors[0]
+        for layer in range(1, layers):
+            t = tensors[layer]
+            torch._check_value(
+                same_layout(t, first),
+                lambda: f"{op}: {name}[{layer}] must have the shape, strides and dtype of {name}[0] ({shape(first)}, "
+                f"strides {list(first.stride())}, {first.dtype}), got {shape(t)}, strides {list(t.stride())}, "
+                f"{t.dtype}; call write_compressed_kv per layer for layers that differ",
+            )

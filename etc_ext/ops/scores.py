@@ -4,12 +4,16 @@ The kernels are csrc/cpu/cross_attn_scores.cpp and csrc/cuda/cross_attn_scores.c
 pure-PyTorch reference is `etc_ext.reference.cross_attn_scores`.
 """
 
+import math
 from typing import Optional
 
 import torch
 
 from .. import reference
 from . import checks
+from .checks import (
+    SCORE_FLOATS, check_dtype_in, check_optional_2d, check_rank, check_same_device, check_same_dtype, shape,
+)
 
 __all__ = ["cross_attn_scores"]
 
@@ -46,7 +50,7 @@ def cross_attn_scores(
 
 @torch.library.register_fake("etc_ext::cross_attn_scores")
 def _cross_attn_scores_fake(q, k, scale=None, q_mask=None, kv_mask=None, q_pos=None):
-    checks.check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos)
+    check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos)
     return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
 
 
@@ -152,3 +156,31 @@ torch.library.register_autograd(
     _cross_attn_scores_backward,
     setup_context=_cross_attn_scores_setup_context,
 )
+
+
+# ============================================================================ argument checks (the fake's)
+def check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos) -> None:
+    op = "cross_attn_scores"
+    check_rank(q, 4, op, "q", "[B, H, T, D]")
+    check_rank(k, 4, op, "k", "[B, Hkv, N, D]")
+    check_dtype_in(q, SCORE_FLOATS, op, "q")
+    check_same_dtype(k, q, op, "k", "q")
+    check_same_device(k, q, op, "k", "q")
+    batch, heads, queries, dim = q.shape
+    torch._check_value(
+        k.shape[0] == batch, lambda: f"{op}: k must have batch size B = {batch} like q, got k {shape(k)}"
+    )
+    torch._check_value(k.shape[3] == dim, lambda: f"{op}: k must have head_dim D = {dim} like q, got k {shape(k)}")
+    torch._check_value(1 <= dim <= 256, lambda: f"{op}: head_dim D must be in [1, 256], got {dim}")
+    torch._check_value(
+        k.shape[1] >= 1 and heads % k.shape[1] == 0,
+        lambda: f"{op}: the number of query heads H = {heads} must be a multiple of the number of kv heads Hkv = "
+        f"{k.shape[1]}",
+    )
+    torch._check_value(
+        scale is None or (scale > 0 and math.isfinite(scale)),  # inf: every probability NaN
+        lambda: f"{op}: scale must be positive and finite, got {scale}",
+    )
+    check_optional_2d(q_mask, batch, queries, torch.bool, q, op, "q_mask", "[B, T]", "q")
+    check_optional_2d(kv_mask, batch, k.shape[2], torch.bool, q, op, "kv_mask", "[B, N]", "q")
+    check_optional_2d(q_pos, batch, queries, torch.int64, q, op, "q_pos", "[B, T]", "q")

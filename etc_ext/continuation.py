@@ -3,12 +3,31 @@
 A compressed cache holds fewer entries than the tokens it covers (M, or K, per image instead of N), so the usual
 rule "new tokens = input_ids minus the cache's length" (generate(), prompt-cache reuse, multi-turn) feeds tokens
 the cache already holds. `ETCCacheState.covered_length` counts what it covers; these helpers apply that count.
+`forward_arguments` splits a family forward's call for the compressor (ETC's dispatch or the baselines').
 """
 
 import torch
 from transformers.utils.deprecation import deprecate_kwarg
 
-__all__ = ["CompressedCacheGenerationMixin", "new_token_count", "new_tokens"]
+__all__ = ["CompressedCacheGenerationMixin", "forward_arguments", "new_token_count", "new_tokens"]
+
+
+def forward_arguments(visual_kwargs: dict, input_ids, attention_mask, position_ids, logits_to_keep, mm_encoder_outputs,
+                      kwargs: dict) -> tuple[dict, tuple]:  # fmt: skip
+    """A family forward's call, as a compressor takes it: the Hugging Face forward's arguments (what runs when
+    nothing is compressed) and `(cache, labels, use_cache, inputs_embeds)`, which leave `kwargs` (it keeps the
+    rest: output flags, loss options)."""
+    base_kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=logits_to_keep,
+        mm_encoder_outputs=mm_encoder_outputs,
+        **visual_kwargs,
+        **kwargs,
+    )
+    popped = tuple(kwargs.pop(name, None) for name in ("cache", "labels", "use_cache", "inputs_embeds"))
+    return base_kwargs, popped
 
 
 def new_token_count(input_ids: torch.Tensor, attention_mask, covered: int) -> int:

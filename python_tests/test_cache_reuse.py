@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import test_llava_etc as llava_helpers
+from conftest import IMAGE as QWEN_IMAGE, VISION_END, qwen3_vl_batch, tiny_qwen3_vl  # the tiny Qwen3-VL
 import test_qwen3_vl_etc as qwen_helpers
 from etc_ext.models import llava, qwen3_vl
 
@@ -128,13 +129,13 @@ def test_llava_continuation_errors_are_clear():
 
 # ============================================================================ Qwen3-VL
 def qwen_model():
-    return qwen3_vl.apply_etc(qwen_helpers.tiny_qwen3_vl(), qwen_helpers.small_config())
+    return qwen3_vl.apply_etc(tiny_qwen3_vl(), qwen_helpers.small_config())
 
 
 def test_qwen3_vl_prompt_cache_reuse_equals_a_fresh_generate():
     model = qwen_model()
-    inputs, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
-    prefix_length = (inputs["input_ids"][0] == qwen_helpers.VISION_END).nonzero().max().item() + 1
+    inputs, _, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5]])
+    prefix_length = (inputs["input_ids"][0] == VISION_END).nonzero().max().item() + 1
     cache = prefix_cache(model, inputs, prefix_length)
     with torch.no_grad():
         assert_same_generation(greedy(model, **inputs, cache=copy.deepcopy(cache)), greedy(model, **inputs))
@@ -142,22 +143,22 @@ def test_qwen3_vl_prompt_cache_reuse_equals_a_fresh_generate():
 
 def test_qwen3_vl_text_turn_equals_prefilling_the_whole_conversation():
     model = qwen_model()
-    turn1, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+    turn1, _, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5]])
     with torch.no_grad():
         answer1 = greedy(model, **turn1)
         follow_up = torch.randint(3, 100, (1, 4), generator=torch.Generator().manual_seed(7))
         conversation = torch.cat([answer1.sequences, follow_up], dim=1)
         inputs = dict(turn1, input_ids=conversation, attention_mask=torch.ones_like(conversation))
-        inputs["mm_token_type_ids"] = (conversation == qwen_helpers.IMAGE).long()
+        inputs["mm_token_type_ids"] = (conversation == QWEN_IMAGE).long()
         assert_same_generation(greedy(model, **inputs, cache=answer1.cache), greedy(model, **inputs))
 
 
 @pytest.mark.parametrize("rows", [[[3, ("I", 4, 6), 5]], [[3, ("I", 4, 6), 5], [3, ("I", 6, 4), 2]]])
 def test_qwen3_vl_turn_with_a_new_image_equals_prefilling_the_whole_conversation(rows):
     model = qwen_model()
-    turn1, _, _ = qwen_helpers.make_batch(rows)
+    turn1, _, _ = qwen3_vl_batch(rows)
     turn2_rows = [[2, ("I", 4, 4), 2], [2, ("I", 8, 4), 2]][: len(rows)]
-    turn2, _, _ = qwen_helpers.make_batch(turn2_rows, seed=3)
+    turn2, _, _ = qwen3_vl_batch(turn2_rows, seed=3)
     with torch.no_grad():
         answer1 = greedy(model, **turn1)
         conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
@@ -170,7 +171,7 @@ def test_qwen3_vl_turn_with_a_new_image_equals_prefilling_the_whole_conversation
         inputs = {
             "input_ids": conversation,
             "attention_mask": mask.long(),
-            "mm_token_type_ids": (conversation == qwen_helpers.IMAGE).long(),
+            "mm_token_type_ids": (conversation == QWEN_IMAGE).long(),
             "pixel_values": pixel_values,
             "image_grid_thw": grids,
         }
@@ -180,8 +181,8 @@ def test_qwen3_vl_turn_with_a_new_image_equals_prefilling_the_whole_conversation
 
 def test_qwen3_vl_new_videos_on_a_compressed_cache_raise_a_clear_error():
     model = qwen_model()
-    turn1, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
-    turn2, _, _ = qwen_helpers.make_batch([[2, ("V", 2, 4, 4), 2]], seed=3)
+    turn1, _, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5]])
+    turn2, _, _ = qwen3_vl_batch([[2, ("V", 2, 4, 4), 2]], seed=3)
     with torch.no_grad():
         answer1 = greedy(model, **turn1)
         conversation = torch.cat([answer1.sequences, turn2["input_ids"]], dim=1)
@@ -286,7 +287,7 @@ def test_text_only_prompt_may_generate_the_image_token_id(backbone):
         original, image = llava_helpers.tiny_llava(), llava_helpers.IMAGE
         model = llava.apply_etc(copy.deepcopy(original), llava_helpers.small_config())
     else:
-        original, image = qwen_helpers.tiny_qwen3_vl(), qwen_helpers.IMAGE
+        original, image = tiny_qwen3_vl(), QWEN_IMAGE
         model = qwen3_vl.apply_etc(copy.deepcopy(original), qwen_helpers.small_config())
     prompt = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(3))
     forced = dict(max_new_tokens=4, do_sample=False, sequence_bias={(image,): 1e4})  # the image id every step
@@ -313,9 +314,9 @@ def _assisted_pair(backbone):
         etc = llava.apply_etc(copy.deepcopy(plain), llava_helpers.small_config())
         inputs, _ = llava_helpers.make_batch([[2, "I", 5]])
     else:
-        plain = qwen_helpers.tiny_qwen3_vl()
+        plain = tiny_qwen3_vl()
         etc = qwen3_vl.apply_etc(copy.deepcopy(plain), qwen_helpers.small_config())
-        inputs, _, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5]])
+        inputs, _, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5]])
     return plain, etc, inputs
 
 
@@ -466,7 +467,7 @@ def test_output_hidden_states_in_the_user_layout(backbone):
         out = model(**inputs, output_hidden_states=True, use_cache=False)
         assert len(out.hidden_states) == model.config.get_text_config().num_hidden_layers + 1
         assert all(states.shape[:2] == (batch, length) for states in out.hidden_states)
-        text = slice(int(model._etc_visual_token_mask(inputs["input_ids"]).nonzero()[:, 1].max()) + 1, length)
+        text = slice(int(model._visual_token_mask(inputs["input_ids"]).nonzero()[:, 1].max()) + 1, length)
         last, first = out.hidden_states[-1], out.hidden_states[0]
         torch.testing.assert_close(model.lm_head(last[:, text]), out.logits[:, text], atol=1e-5, rtol=0)
         torch.testing.assert_close(first[:, text], model.get_input_embeddings()(inputs["input_ids"])[:, text])
@@ -517,7 +518,7 @@ def test_output_attentions_over_the_extended_sequence(backbone):
     model.set_attn_implementation("eager")
     batch, length = inputs["input_ids"].shape
     m = model.etc.config.num_compression_tokens
-    visual = model._etc_visual_token_mask(inputs["input_ids"])[0]
+    visual = model._visual_token_mask(inputs["input_ids"])[0]
     first, last = int(visual.nonzero().min()), int(visual.nonzero().max())
     with torch.no_grad():
         out = model(**inputs, output_attentions=True, use_cache=False)

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import test_llava_etc as llava_helpers
+from conftest import qwen3_vl_batch, tiny_qwen3_vl  # the tiny Qwen3-VL
 import test_qwen3_vl_etc as qwen_helpers
 from etc_ext.models import llava, qwen3_vl
 
@@ -22,8 +23,8 @@ def _model_and_batch(backbone, answer=0):
         model = llava.apply_etc(llava_helpers.tiny_llava(), llava_helpers.small_config(num_compression_tokens=1))
         inputs, labels = llava_helpers.make_batch([[2, "I", 5], [3, "I", 2]], answer=answer)
     else:
-        model = qwen3_vl.apply_etc(qwen_helpers.tiny_qwen3_vl(), qwen_helpers.small_config(num_compression_tokens=1))
-        inputs, labels, _ = qwen_helpers.make_batch([[3, ("I", 4, 6), 5], [2, ("I", 6, 4), 3]], answer=answer)
+        model = qwen3_vl.apply_etc(tiny_qwen3_vl(), qwen_helpers.small_config(num_compression_tokens=1))
+        inputs, labels, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5], [2, ("I", 6, 4), 3]], answer=answer)
     return model, inputs, labels
 
 
@@ -32,7 +33,7 @@ def _as_embeds(model, inputs, scale=1.0):
     inputs = dict(inputs)
     input_ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(input_ids).detach()  # (B, L, H)
-    text = ~model._etc_visual_token_mask(input_ids)
+    text = ~model._visual_token_mask(input_ids)
     inputs["inputs_embeds"] = torch.where(text[..., None], embeds * scale, embeds)
     return inputs
 
@@ -42,7 +43,7 @@ def _scaled_text_embeddings(model, scale):
     scaled = copy.deepcopy(model)
     weight = scaled.get_input_embeddings().weight
     keep = torch.zeros(weight.shape[0], dtype=torch.bool)
-    keep[list(model._etc_placeholder_token_ids())] = True
+    keep[list(model._placeholder_token_ids())] = True
     with torch.no_grad():
         weight.copy_(torch.where(keep[:, None], weight, weight * scale))
     return scaled

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from conftest import qwen3_vl_batch, tiny_qwen3_vl  # noqa: E402  (the tiny Qwen3-VL)
 import test_qwen3_vl_etc as qwen  # noqa: E402
 from etc_ext.models import qwen3_vl  # noqa: E402
 from etc_ext.models.common import snapshot_teacher  # noqa: E402
@@ -26,12 +27,12 @@ STEPS = 3
 def train_steps(context, fsdp: bool) -> list[float]:
     """The loss of each of `STEPS` SGD steps (every rank trains on the same batch, so the loss curve does not depend
     on the number of processes)."""
-    model = qwen3_vl.apply_etc(qwen.tiny_qwen3_vl(seed=0), qwen.small_config(teacher="frozen", loss="vid"))
+    model = qwen3_vl.apply_etc(tiny_qwen3_vl(seed=0), qwen.small_config(teacher="frozen", loss="vid"))
     snapshot_teacher(model)  # full fine-tuning: the teacher is a frozen copy of the starting model
     model.train()
     wrapped = wrap_model(model, SimpleNamespace(fsdp=fsdp, ddp_find_unused_parameters=False), context, "fp32")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    inputs, labels, _ = qwen.make_batch([[3, ("I", 4, 6), 5], [2, ("I", 4, 4), 6]], answer=3)
+    inputs, labels, _ = qwen3_vl_batch([[3, ("I", 4, 6), 5], [2, ("I", 4, 4), 6]], answer=3)
     losses = []
     for _ in range(STEPS):
         loss = wrapped(**inputs, labels=labels, use_cache=False).loss

@@ -3,17 +3,12 @@ LLaVA's adapter for `etc_ext.baselines.model.BaselineMixin`. Every image has the
 the vision-side methods reduce while the images are encoded (hooks on the projector and the CLIP layer LLaVA reads:
 `get_image_features` returns K tokens per image)."""
 
-from typing import Optional
-
-import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
-from transformers.cache_utils import Cache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import can_return_tuple
 
 from ..compress import default_position_ids, find_image_spans
+from ..models.llava import LlavaInputsMixin
 from ..models.llava import num_visual_tokens as llava_num_visual_tokens
 from .config import VisualGeometry
 from .model import BaselineMixin, EncodedPrompt
@@ -22,7 +17,7 @@ __all__ = ["BaselineLlavaForConditionalGeneration"]
 
 
 # ============================================================================ LLaVA
-class BaselineLlavaForConditionalGeneration(BaselineMixin, LlavaForConditionalGeneration):
+class BaselineLlavaForConditionalGeneration(LlavaInputsMixin, BaselineMixin, LlavaForConditionalGeneration):
     """A `LlavaForConditionalGeneration` with a training-free compressor; made by `apply_baseline`, never
     instantiated directly."""
 
@@ -82,79 +77,13 @@ class BaselineLlavaForConditionalGeneration(BaselineMixin, LlavaForConditionalGe
         baseline.recorded.clear()  # the hooks hold this dict
         return (baseline.implementation.reduce_projector_input(self, args[0], recorded), *args[1:])
 
-    # ------------------------------------------------------------------------------------------ forward
-    @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        vision_feature_layer=None,
-        vision_feature_select_strategy: Optional[str] = None,
-        labels: Optional[torch.LongTensor] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: Optional[torch.Tensor] = None,
-        mm_encoder_outputs=None,
-        use_cache: Optional[bool] = None,
-        **kwargs,
-    ) -> LlavaCausalLMOutputWithPast:
-        r"""
-        Like `LlavaForConditionalGeneration.forward`, with the baseline when `self.baseline.enabled` and the inputs
-        hold images:
-
-        - without a cache (and `use_cache` not True): one pass over the compressed sequence; `logits` in the user's
-          layout `(batch_size, sequence_length, vocab_size)` (see the package docstring), `loss` with `labels`.
-        - with an empty cache or `use_cache=True` (generate()'s prefill): the same, into an `ETCCache` whose
-          `etc_state` is a `BaselineCacheState` (K visual entries per image in every layer).
-        - with such a cache: decoding; `attention_mask` and `position_ids` are in the user's layout (as generate()
-          makes them) and are mapped onto the cache.
-        """
-        base_kwargs = dict(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            image_sizes=image_sizes,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
-        if use_cache is not None:
-            base_kwargs["use_cache"] = use_cache
-        visual_inputs = dict(
-            pixel_values=pixel_values,
-            encoded=(mm_encoder_outputs or {}).get("image"),  # generate() encodes the images beforehand
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes,
-        )
-        return self._baseline_forward(
-            base_kwargs, visual_inputs, input_ids, attention_mask, position_ids, cache, labels, logits_to_keep,
-            use_cache, inputs_embeds, kwargs,
-        )  # fmt: skip
-
     # ------------------------------------------------------------------------------------------ adapter
     _baseline_visual_argument_names = ("pixel_values", "mm_encoder_outputs")
-
-    def _baseline_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.config.image_token_id
-
-    def _baseline_has_visual_inputs(self, visual_inputs: dict) -> bool:
-        return visual_inputs["pixel_values"] is not None or visual_inputs["encoded"] is not None
 
     def _baseline_encode(self, visual_inputs: dict, input_ids, attention_mask, position_ids) -> EncodedPrompt:
         """`get_image_features` (K tokens per image for the vision-side methods, whose hooks reduce them), the
         images' spans (N placeholders each) and the default positions."""
-        encoded = visual_inputs["encoded"]
+        encoded = visual_inputs["encoded_images"]
         if encoded is None:
             encoded = self.model.get_image_features(
                 pixel_values=visual_inputs["pixel_values"],
@@ -166,7 +95,7 @@ class BaselineLlavaForConditionalGeneration(BaselineMixin, LlavaForConditionalGe
         features = list(encoded.pooler_output)  # per image (n_i, H): K for vision-stage methods, else N
         geometry = self.baseline.geometry
         counts = [geometry.num_visual_tokens] * len(features)  # N placeholders each, whatever the method keeps
-        spans = find_image_spans(self._baseline_visual_token_mask(input_ids), counts)
+        spans = find_image_spans(self._visual_token_mask(input_ids), counts)
         batch_size, length = input_ids.shape
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch_size, length, input_ids.device)

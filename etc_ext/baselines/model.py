@@ -2,14 +2,15 @@
 language model's passes over the compressed prompt, decoding on the compressed cache) and `Baseline`, what
 `apply_baseline` registers on the model.
 
-A backbone's baseline class is `class BaselineFooForConditionalGeneration(BaselineMixin, FooForConditionalGeneration)`:
-its `forward` keeps the Hugging Face signature (generate() reads it) and hands everything to `_baseline_forward`.
-What differs between backbones sits behind its adapter hooks:
+A backbone's baseline class is `class BaselineFoo(FooInputsMixin, BaselineMixin, FooForConditionalGeneration)`: the
+family's `forward` (`FooInputsMixin`, shared with ETC's class, e.g. `etc_ext.models.llava.LlavaInputsMixin`) keeps the
+Hugging Face signature (generate() reads it) and hands everything to `_compressed_forward`, here the baselines'
+dispatch. The family mixin says where the images are (`_visual_token_mask(input_ids)`,
+`_has_visual_inputs(visual_inputs)`); what else differs between backbones sits behind the adapter's hooks:
 
 - `baseline_geometry(model)` (static): the `VisualGeometry`;
 - `baseline_install()`: the method's hooks (LLaVA: `BaselineMethod.install`; Qwen3-VL: the vision tower's
   attention when the method reads it);
-- `_baseline_visual_token_mask(input_ids)`, `_baseline_has_visual_inputs(visual_inputs)`;
 - `_baseline_encode(visual_inputs, input_ids, attention_mask, position_ids)`: an `EncodedPrompt` (the images'
   features in placeholder order, their spans and grids, the user's positions);
 - `_baseline_token_kwargs(visual_mask, extras)`: per-token extras of a language-model pass (DeepStack);
@@ -26,9 +27,11 @@ from typing import ClassVar, Optional
 
 import torch
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from ..compress import ETCCache, ImageSpans
-from ..continuation import CompressedCacheGenerationMixin, new_tokens
+from ..continuation import CompressedCacheGenerationMixin, forward_arguments, new_tokens
 from .config import BaselineConfig, VisualGeometry
 from .registry import LanguageInputs, method_class
 from .sequence import CompressedLayout, _gather_rows, shorten_sequence, user_next_position
@@ -105,22 +108,46 @@ class BaselineMixin(CompressedCacheGenerationMixin):
         self.baseline.handles += self.baseline.implementation.install(self)
 
     # ---------------------------------------------------------------------------------------------- dispatch
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def _compressed_forward(self, visual_inputs, visual_kwargs, input_ids=None, attention_mask=None, position_ids=None,
+                            logits_to_keep=0, mm_encoder_outputs=None, **kwargs):  # fmt: skip
+        """What the backbone family's `forward` (e.g. `etc_ext.models.llava.LlavaInputsMixin.forward`) hands the
+        call to: `_baseline_forward`. `visual_inputs`: the family's image arguments for its hooks (with generate()'s
+        encoder outputs); `visual_kwargs`: the same as the original forward takes them."""
+        base_kwargs, (cache, labels, use_cache, inputs_embeds) = forward_arguments(
+            visual_kwargs, input_ids, attention_mask, position_ids, logits_to_keep, mm_encoder_outputs, kwargs
+        )
+        return self._baseline_forward(
+            base_kwargs, visual_inputs, input_ids, attention_mask, position_ids, cache, labels, logits_to_keep,
+            use_cache, inputs_embeds, kwargs,
+        )  # fmt: skip
+
     def _baseline_forward(
         self, base_kwargs, visual_inputs, input_ids, attention_mask, position_ids, cache, labels, logits_to_keep,
         use_cache, inputs_embeds, kwargs,
     ):  # fmt: skip
-        """The body of every backbone's `forward`. `base_kwargs`: the original forward's arguments; `visual_inputs`:
-        the backbone's image arguments for its hooks; `kwargs`: the remaining ones (output flags, loss options)."""
+        """The compressing forward, with the baseline when `self.baseline.enabled` and the inputs hold images:
+
+        - without a cache (and `use_cache` not True): one pass over the compressed sequence; `logits` in the user's
+          layout `(batch_size, sequence_length, vocab_size)` (see the package docstring), `loss` with `labels`.
+        - with an empty cache or `use_cache=True` (generate()'s prefill): the same, into an `ETCCache` whose
+          `etc_state` is a `BaselineCacheState` (K visual entries per image in every layer).
+        - with such a cache: decoding; `attention_mask` and `position_ids` are in the user's layout (as generate()
+          makes them) and are mapped onto the cache.
+
+        `base_kwargs`: the original forward's arguments; `kwargs`: the remaining ones (output flags, loss options).
+        """
         original_forward = super().forward  # the Hugging Face class after BaselineMixin in the MRO
         if not self.baseline.enabled:
             return original_forward(**base_kwargs)
         state = getattr(cache, "etc_state", None)
-        has_images = self._baseline_has_visual_inputs(visual_inputs)
+        has_images = self._has_visual_inputs(visual_inputs)
         if state is not None:  # a compressed prefill: decoding, or a follow-up question / turn (text only)
             base_kwargs.update(self._baseline_continuation(cache, state, input_ids, attention_mask, position_ids,
                                                            has_images))  # fmt: skip
             return original_forward(**base_kwargs)
-        image_token_mask = None if input_ids is None else self._baseline_visual_token_mask(input_ids)
+        image_token_mask = None if input_ids is None else self._visual_token_mask(input_ids)
         if not has_images and (image_token_mask is None or not bool(image_token_mask.any())):
             return original_forward(**base_kwargs)  # text only: nothing to compress
 
@@ -175,7 +202,7 @@ class BaselineMixin(CompressedCacheGenerationMixin):
             raise ValueError("baseline decoding needs input_ids")
         cache_length = cache.get_seq_length()
         input_ids, position_ids, _, new = new_tokens(cache, input_ids, attention_mask, position_ids)
-        if has_images and bool(self._baseline_visual_token_mask(input_ids).any()):  # (a generated id is text)
+        if has_images and bool(self._visual_token_mask(input_ids).any()):  # (a generated id is text)
             raise NotImplementedError(
                 "baseline: adding images to a cache that holds a compressed prefill is not supported; start a new "
                 "cache for a prompt with new images"

@@ -23,17 +23,16 @@ What differs from LLaVA:
   needs while the tower runs (in the forward, or in generate()'s encoding before it).
 """
 
-from typing import Optional
-
 import torch
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
-from transformers.utils.generic import can_return_tuple
 
 from .. import ops
 from ..models.qwen3_vl_inputs import (
+    PIXEL_INPUTS,
+    Qwen3VLInputsMixin,
     align_mm_token_type_ids,
     check_mm_token_type_ids,
     encode_visual_inputs,
@@ -48,10 +47,7 @@ from .sequence import _gather_rows
 
 __all__ = ["BaselineQwen3VLForConditionalGeneration"]
 
-PIXEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
-
-class BaselineQwen3VLForConditionalGeneration(BaselineMixin, Qwen3VLForConditionalGeneration):
+class BaselineQwen3VLForConditionalGeneration(Qwen3VLInputsMixin, BaselineMixin, Qwen3VLForConditionalGeneration):
     """A `Qwen3VLForConditionalGeneration` with a training-free compressor; made by `apply_baseline`, never
     instantiated directly."""
 
@@ -80,69 +76,7 @@ class BaselineQwen3VLForConditionalGeneration(BaselineMixin, Qwen3VLForCondition
                 tower.blocks[-1].attn.register_forward_pre_hook(recorder, with_kwargs=True),
             ]
 
-    # ------------------------------------------------------------------------------------------ forward
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        cache=None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_values_videos: Optional[torch.Tensor] = None,
-        image_grid_thw: Optional[torch.LongTensor] = None,
-        video_grid_thw: Optional[torch.LongTensor] = None,
-        mm_token_type_ids: Optional[torch.IntTensor] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: Optional[dict] = None,
-        use_cache: Optional[bool] = None,
-        **kwargs,
-    ) -> MultimodalCausalLMOutputWithPast:
-        r"""
-        Like `Qwen3VLForConditionalGeneration.forward`, with the baseline when `self.baseline.enabled` and the
-        inputs hold images or videos: as `BaselineLlavaForConditionalGeneration.forward` (logits in the user's
-        layout, `loss` with `labels`, the prefill's `ETCCache` holding K visual entries per image or temporal group,
-        decoding on it). `position_ids`, when given, are the user's M-RoPE positions (`(3 or 4, batch_size,
-        sequence_length)`); otherwise they are computed with `get_rope_index`, which needs `mm_token_type_ids` and
-        the grids.
-        """
-        visual_kwargs = dict(
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-        )
-        base_kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **visual_kwargs,
-            **kwargs,
-        )
-        if use_cache is not None:
-            base_kwargs["use_cache"] = use_cache
-        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}  # generate()'s
-        return self._baseline_forward(
-            base_kwargs, dict(visual_kwargs, encoded=encoded), input_ids, attention_mask, position_ids, cache,
-            labels, logits_to_keep, use_cache, inputs_embeds, kwargs,
-        )  # fmt: skip
-
     # ------------------------------------------------------------------------------------------ adapter
-    def _baseline_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-
-    def _baseline_has_visual_inputs(self, visual_inputs: dict) -> bool:
-        pixels = visual_inputs["pixel_values"], visual_inputs["pixel_values_videos"]
-        return any(p is not None for p in pixels) or bool(visual_inputs["encoded"])
-
     def _baseline_encode(self, visual_inputs: dict, input_ids, attention_mask, position_ids) -> EncodedPrompt:
         """Encode the images and videos, split them into units (an image, a video's temporal group), find each
         unit's grid and the user's M-RoPE positions, and reduce each unit for the methods that reduce while

@@ -23,6 +23,7 @@ from ..config import ETCConfig
 from ..distill import DistillHead, adapter_layers, resolve_target_layer
 
 __all__ = [
+    "FAMILY_API",
     "ETC_CONFIG_NAME",
     "ETC_WEIGHTS_NAME",
     "BASE_WEIGHTS_NAME",
@@ -43,6 +44,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# What every backbone's module offers (`etc_ext.models.llava`, `etc_ext.models.qwen3_vl`), besides its own names.
+FAMILY_API = (
+    "apply_etc",
+    "remove_etc",
+    "save_pretrained",
+    "from_pretrained",
+    "snapshot_teacher",
+    "prepare_inputs",
+    "instruction_target",
+)
 
 ETC_CONFIG_NAME = "etc_config.json"
 ETC_WEIGHTS_NAME = "etc_model.safetensors"

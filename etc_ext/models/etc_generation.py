@@ -130,11 +130,11 @@ class ETCGenerationMixin(CompressedCacheGenerationMixin, ETCBackboneHooks):
         `Continuation`."""
         if input_ids is None:
             raise ValueError("ETC: continuing a compressed cache needs input_ids or inputs_embeds")
-        has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
+        has_visual_inputs = self._has_visual_inputs(visual_inputs)
         input_ids, position_ids, covered, new = new_tokens(cache, input_ids, attention_mask, position_ids)
         if inputs_embeds is not None:
             inputs_embeds = inputs_embeds[:, -new:]  # (B, new, H)
-        visual_token_mask = self._etc_visual_token_mask(input_ids)
+        visual_token_mask = self._visual_token_mask(input_ids)
         decode_inputs = self._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
         step = Continuation(
             input_ids=input_ids,

@@ -81,15 +81,15 @@ class ETCBackboneHooks:
         """The vision encoder (`ETCConfig.freeze_vision_tower` freezes it)."""
         raise NotImplementedError
 
-    def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """bool `(B, L)`: the visual placeholders in `input_ids`."""
         raise NotImplementedError
 
-    def _etc_placeholder_token_ids(self) -> tuple:
+    def _placeholder_token_ids(self) -> tuple:
         """The token ids of the visual placeholders (found by their embeddings when the user gives inputs_embeds)."""
         raise NotImplementedError
 
-    def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
+    def _has_visual_inputs(self, visual_inputs: dict) -> bool:
         """Whether the call brings images (pixels or generate()'s encoder outputs)."""
         raise NotImplementedError
 

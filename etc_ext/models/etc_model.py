@@ -1,8 +1,9 @@
 """The ETC model, written once for every backbone: `ETCMixin` adds ETC to a Hugging Face VLM class.
 
-A backbone's ETC class is `class ETCFooForConditionalGeneration(ETCMixin, FooForConditionalGeneration)`. Its
-`forward` keeps the Hugging Face signature (generate() reads it) and hands everything to `ETCMixin._etc_forward`,
-which dispatches:
+A backbone's ETC class is `class ETCFooForConditionalGeneration(FooInputsMixin, ETCMixin, FooForConditionalGeneration)`.
+Its `forward` (the family's, `FooInputsMixin`, which the training-free baselines share) keeps the Hugging Face
+signature (generate() reads it) and hands everything to `_compressed_forward`, here `ETCMixin._etc_forward`, which
+dispatches:
 
 - compression disabled, or a text-only prompt: the original forward.
 - a cache holding a compressed prefill: decoding, with the user's attention mask and positions mapped onto it.
@@ -35,6 +36,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from ..compress import CompressionTokens, ETCCache
+from ..continuation import forward_arguments
 from ..dispatch import dispatch, host_side
 from ..distill import DistillHead, VIDDecoder
 from . import common
@@ -75,6 +77,11 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
     etc_output_class: type  # the backbone's output dataclass with `ce_loss` and `vid_loss`
 
     # ---------------------------------------------------------------------------------------------- dispatch
+    def _compressed_forward(self, *args, **kwargs):
+        """What the backbone family's `forward` (e.g. `etc_ext.models.llava.LlavaInputsMixin.forward`) hands the
+        call to: ETC's dispatch."""
+        return self._etc_forward(*args, **kwargs)
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @dispatch  # the frame itself: data-dependent routing; the passes it calls compile (etc_ext.dispatch)
@@ -93,17 +100,9 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         """The body of every backbone's `forward`. `visual_inputs`: the backbone's image arguments for its hooks
         (pixel values, grids, generate()'s encoder outputs); `visual_kwargs`: the same as the original forward
         takes them; `kwargs`: the original forward's other arguments (cache, labels, use_cache, ...)."""
-        base_kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **visual_kwargs,
-            **kwargs,
+        base_kwargs, (cache, labels, use_cache, inputs_embeds) = forward_arguments(
+            visual_kwargs, input_ids, attention_mask, position_ids, logits_to_keep, mm_encoder_outputs, kwargs
         )
-        cache, labels, use_cache = kwargs.pop("cache", None), kwargs.pop("labels", None), kwargs.pop("use_cache", None)
-        inputs_embeds = kwargs.pop("inputs_embeds", None)
         original_forward = super().forward  # the Hugging Face class after ETCMixin in the MRO
         if getattr(self, "etc", None) is None or not self.etc.enabled:  # no ETC parts (a bare ETC class) or off
             return original_forward(**base_kwargs)
@@ -133,12 +132,12 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
         tokens, the cache's state): "continue" (a cache holding a compressed prefill), "original" (nothing to
         compress), "prefill" (the compressed prefill), "masked_cached" / "masked" (the masked single pass, returning
         a cache or not)."""
-        has_visual_inputs = self._etc_has_visual_inputs(visual_inputs)
+        has_visual_inputs = self._has_visual_inputs(visual_inputs)
         if getattr(cache, "etc_state", None) is not None:
             if labels is not None:
                 raise ValueError("ETC: labels go with the training forward (no cache)")
             return "continue"
-        visual_token_mask = None if input_ids is None else self._etc_visual_token_mask(input_ids)
+        visual_token_mask = None if input_ids is None else self._visual_token_mask(input_ids)
         has_visual_tokens = visual_token_mask is not None and bool(visual_token_mask.any())
         if not has_visual_inputs and not has_visual_tokens:
             return "original"  # nothing to compress: text only
@@ -185,10 +184,10 @@ class ETCMixin(ETCGenerationMixin, ETCTrainingMixin):
             raise ValueError(
                 f"inputs_embeds must be (batch_size, sequence_length, {hidden_size}), got {list(inputs_embeds.shape)}"
             )
-        return placeholder_input_ids(inputs_embeds, self.get_input_embeddings(), self._etc_placeholder_token_ids())
+        return placeholder_input_ids(inputs_embeds, self.get_input_embeddings(), self._placeholder_token_ids())
 
     def _etc_no_placeholder_error(self) -> ValueError:
-        ids = ", ".join(str(i) for i in self._etc_placeholder_token_ids())
+        ids = ", ".join(str(i) for i in self._placeholder_token_ids())
         return ValueError(
             "ETC: images were given but no position of inputs_embeds holds the embedding of an image placeholder "
             f"token (id {ids}): ETC finds each image's tokens in inputs_embeds as transformers does, at the positions "

@@ -32,28 +32,22 @@ from .etc_hooks import user_embeddings
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 
 __all__ = [
+    "LlavaInputsMixin",
     "ETCLlavaCausalLMOutputWithPast",
     "ETCLlavaForConditionalGeneration",
-    "apply_etc",
-    "remove_etc",
-    "save_pretrained",
-    "from_pretrained",
-    "snapshot_teacher",
-    "prepare_inputs",
-    "instruction_target",
     "num_visual_tokens",
+    *common.FAMILY_API,
 ]
 
 
 ETCLlavaCausalLMOutputWithPast = etc_output_class(LlavaCausalLMOutputWithPast, "ETCLlavaCausalLMOutputWithPast", __name__)
 
 
-class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
-    """A `LlavaForConditionalGeneration` with ETC; made by `apply_etc`, never instantiated directly. `ETCMixin`
-    holds ETC; this class is LLaVA's adapter: where the images are and how they are encoded."""
-
-    etc_base_class = LlavaForConditionalGeneration
-    etc_output_class = ETCLlavaCausalLMOutputWithPast
+class LlavaInputsMixin:
+    """What ETC and the training-free baselines share on LLaVA (`ETCLlavaForConditionalGeneration`,
+    `etc_ext.baselines.llava.BaselineLlavaForConditionalGeneration`): the forward, with Hugging Face's signature,
+    handing the call to the compressor's `_compressed_forward` (`ETCMixin`, `BaselineMixin`), and where the images
+    are. Listed first among a class's bases, so that the compressor's `super().forward` is Hugging Face's."""
 
     def forward(
         self,
@@ -67,25 +61,14 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         image_sizes: Optional[torch.Tensor] = None,
         mm_encoder_outputs=None,
-        etc_prefill_method: Optional[str] = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> ETCLlavaCausalLMOutputWithPast:
+    ):
         r"""
-        Like `LlavaForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ...), with
-        ETC when `self.etc.enabled`:
-
-        - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression
-          tokens after each image. `logits` are in the user's layout `(batch_size, sequence_length, vocab_size)`
-          (the logits after an image's last visual token come from its last compression token), so `labels` are the
-          user's. With `labels`: `loss = ce_loss + vid_weight * vid_loss`.
-        - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
-          `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens
-          (tokens of the text after the last image).
-        - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` are in the user's
-          layout (as generate() makes them) and are mapped onto the compacted cache.
-
-        etc_prefill_method (`str`, *optional*):
-            "auto", "segmented" or "masked"; defaults to `self.etc.prefill_method`.
+        Like `LlavaForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ... and the compressor's
+        own, e.g. ETC's `etc_prefill_method`), compressing the images when the compressor is enabled: see
+        `ETCMixin._etc_forward` (ETC) or `BaselineMixin._baseline_forward` (the baselines). `logits` are in the
+        user's layout, so `labels` are the user's; `attention_mask` and `position_ids` are too, also while decoding
+        on a compressed cache.
         """
         visual_kwargs = dict(
             pixel_values=pixel_values,
@@ -94,11 +77,41 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
             image_sizes=image_sizes,
         )
         encoded_images = (mm_encoder_outputs or {}).get("image")  # generate() encodes the images beforehand
-        return self._etc_forward(
+        return self._compressed_forward(
             dict(visual_kwargs, encoded_images=encoded_images), visual_kwargs, input_ids, attention_mask,
-            position_ids, logits_to_keep, mm_encoder_outputs, etc_prefill_method, inputs_embeds=inputs_embeds,
-            **kwargs,
+            position_ids, logits_to_keep, mm_encoder_outputs, inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip
+
+    def _visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.config.image_token_id
+
+    def _placeholder_token_ids(self) -> tuple:
+        return (self.config.image_token_id,)
+
+    def _has_visual_inputs(self, visual_inputs: dict) -> bool:
+        return visual_inputs["pixel_values"] is not None or visual_inputs["encoded_images"] is not None
+
+
+class ETCLlavaForConditionalGeneration(LlavaInputsMixin, ETCMixin, LlavaForConditionalGeneration):
+    """A `LlavaForConditionalGeneration` with ETC; made by `apply_etc`, never instantiated directly. `ETCMixin`
+    holds ETC; this class is LLaVA's adapter: where the images are (`LlavaInputsMixin`) and how they are encoded.
+
+    `forward` (`LlavaInputsMixin.forward`), with ETC when `self.etc.enabled`:
+
+    - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression
+      tokens after each image. `logits` are in the user's layout `(batch_size, sequence_length, vocab_size)` (the
+      logits after an image's last visual token come from its last compression token), so `labels` are the user's.
+      With `labels`: `loss = ce_loss + vid_weight * vid_loss`.
+    - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
+      `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens (tokens
+      of the text after the last image).
+    - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` are in the user's layout
+      (as generate() makes them) and are mapped onto the compacted cache.
+    - `etc_prefill_method` ("auto", "segmented" or "masked"; default `self.etc.prefill_method`) picks the prefill.
+    """
+
+    etc_base_class = LlavaForConditionalGeneration
+    etc_output_class = ETCLlavaCausalLMOutputWithPast
 
     # ---------------------------------------------------------------------------------------------- adapter
     @classmethod
@@ -108,19 +121,10 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
     def _etc_vision_tower(self) -> nn.Module:
         return self.model.vision_tower
 
-    def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.config.image_token_id
-
-    def _etc_placeholder_token_ids(self) -> tuple:
-        return (self.config.image_token_id,)
-
-    def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
-        return visual_inputs["pixel_values"] is not None or visual_inputs["encoded_images"] is not None
-
     def _etc_check_visual_inputs(self, visual_inputs: dict) -> None:
         if visual_inputs["pixel_values"] is not None and visual_inputs["encoded_images"] is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both")
-        if not self._etc_has_visual_inputs(visual_inputs):
+        if not self._has_visual_inputs(visual_inputs):
             raise ValueError("ETC: input_ids contain image tokens but no pixel_values were given")
 
     def _etc_num_images(self, visual_inputs: dict) -> int:
@@ -154,7 +158,7 @@ class ETCLlavaForConditionalGeneration(ETCMixin, LlavaForConditionalGeneration):
                     return_dict=True,
                 )
             projector_input = recorded.value
-        image_token_mask = self._etc_visual_token_mask(input_ids)
+        image_token_mask = self._visual_token_mask(input_ids)
         features = image_outputs.pooler_output  # list of (N_i, H)
         spans = find_image_spans(image_token_mask, [f.shape[0] for f in features])
         inputs_embeds = user_embeddings(self.get_input_embeddings(), input_ids, user_embeds)  # (B, L, H)

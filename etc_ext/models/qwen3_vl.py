@@ -36,8 +36,6 @@ import torch
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
 
 from ..compress import VISUAL, insert_compression_tokens
 from ..config import ETCConfig
@@ -47,6 +45,8 @@ from .etc_hooks import user_embeddings
 from .etc_model import ETCInputs, ETCMixin, etc_output_class
 from .qwen3_vl_inputs import (
     MM_TEXT,
+    PIXEL_INPUTS,
+    Qwen3VLInputsMixin,
     align_mm_token_type_ids,
     check_mm_token_type_ids,
     count_images,
@@ -67,20 +67,11 @@ __all__ = [
     "ETCQwen3VLCausalLMOutputWithPast",
     "ETCQwen3VLInputs",
     "ETCQwen3VLForConditionalGeneration",
-    "apply_etc",
     "apply_etc_with_lora",
     "default_lora_config",
-    "remove_etc",
-    "save_pretrained",
-    "from_pretrained",
-    "snapshot_teacher",
-    "prepare_inputs",
-    "instruction_target",
     "decoder_position_grid",
+    *common.FAMILY_API,
 ]
-
-
-PIXEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 ETCQwen3VLCausalLMOutputWithPast = etc_output_class(MultimodalCausalLMOutputWithPast, "ETCQwen3VLCausalLMOutputWithPast", __name__)
@@ -99,63 +90,27 @@ class ETCQwen3VLInputs(ETCInputs):
     mm_token_type_ids: Optional[torch.Tensor] = None
 
 
-class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGeneration):
+class ETCQwen3VLForConditionalGeneration(Qwen3VLInputsMixin, ETCMixin, Qwen3VLForConditionalGeneration):
     """A `Qwen3VLForConditionalGeneration` with ETC; made by `apply_etc`, never instantiated directly. `ETCMixin`
-    holds ETC; this class is Qwen3-VL's adapter: images and videos, M-RoPE positions, DeepStack."""
+    holds ETC; this class is Qwen3-VL's adapter: images and videos (`Qwen3VLInputsMixin`), M-RoPE positions,
+    DeepStack.
+
+    `forward` (`Qwen3VLInputsMixin.forward`), with ETC when `self.etc.enabled`:
+
+    - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression tokens
+      after each image (and each temporal group of a video). `logits` are in the user's layout `(batch_size,
+      sequence_length, vocab_size)`, so `labels` are the user's. With `labels`: `loss = ce_loss + vid_weight *
+      vid_loss`.
+    - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
+      `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens (tokens
+      of the text after the last image).
+    - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` (2-D, or 3-D with 3 or 4
+      rows as generate() makes them) are in the user's layout and are mapped onto the compacted cache.
+    - `etc_prefill_method` ("auto", "segmented" or "masked"; default `self.etc.prefill_method`) picks the prefill.
+    """
 
     etc_base_class = Qwen3VLForConditionalGeneration
     etc_output_class = ETCQwen3VLCausalLMOutputWithPast
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        pixel_values_videos: Optional[torch.Tensor] = None,
-        image_grid_thw: Optional[torch.LongTensor] = None,
-        video_grid_thw: Optional[torch.LongTensor] = None,
-        mm_token_type_ids: Optional[torch.IntTensor] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: Optional[dict] = None,
-        etc_prefill_method: Optional[str] = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> ETCQwen3VLCausalLMOutputWithPast:
-        r"""
-        Like `Qwen3VLForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ...),
-        with ETC when `self.etc.enabled`:
-
-        - without a cache (and `use_cache` not True): the masked single pass over the sequence with M compression
-          tokens after each image (and each temporal group of a video). `logits` are in the user's layout
-          `(batch_size, sequence_length, vocab_size)`, so `labels` are the user's. With `labels`:
-          `loss = ce_loss + vid_weight * vid_loss`.
-        - with an empty cache or `use_cache=True` (generate()'s prefill): the compressed prefill into an `ETCCache`;
-          `logits` `(batch_size, n, vocab_size)` are those of each row's last n = max(1, logits_to_keep) tokens
-          (tokens of the text after the last image).
-        - with an `ETCCache` that holds a prefill: decoding. `attention_mask` and `position_ids` (2-D, or 3-D with 3
-          or 4 rows as generate() makes them) are in the user's layout and are mapped onto the compacted cache.
-
-        `position_ids` of a prompt with images, when given, are the user's M-RoPE positions (`(3 or 4, batch_size,
-        sequence_length)`); otherwise they are computed with `get_rope_index`, which needs `mm_token_type_ids` and
-        the grids.
-
-        etc_prefill_method (`str`, *optional*):
-            "auto", "segmented" or "masked"; defaults to `self.etc.prefill_method`.
-        """
-        visual_kwargs = dict(
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            pixel_values_videos=pixel_values_videos,
-            video_grid_thw=video_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-        )
-        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}  # generate()'s
-        return self._etc_forward(
-            dict(visual_kwargs, encoded=encoded), visual_kwargs, input_ids, attention_mask, position_ids,
-            logits_to_keep, mm_encoder_outputs, etc_prefill_method, inputs_embeds=inputs_embeds,
-            **kwargs,
-        )  # fmt: skip
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """generate()'s M-RoPE positions of the prompt. From inputs_embeds Qwen3-VL's generate() gives text positions
@@ -175,16 +130,6 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
     def _etc_vision_tower(self) -> nn.Module:
         return self.model.visual  # with the mergers (Qwen3-VL's projector)
 
-    def _etc_visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-
-    def _etc_placeholder_token_ids(self) -> tuple:
-        return self.config.image_token_id, self.config.video_token_id
-
-    def _etc_has_visual_inputs(self, visual_inputs: dict) -> bool:
-        pixels = visual_inputs["pixel_values"], visual_inputs["pixel_values_videos"]
-        return any(p is not None for p in pixels) or bool(visual_inputs["encoded"])
-
     def _etc_encode(self, pixel_inputs: dict, encoded: dict) -> tuple:
         return encode_visual_inputs(self.model, pixel_inputs, encoded)
 
@@ -197,7 +142,7 @@ class ETCQwen3VLForConditionalGeneration(ETCMixin, Qwen3VLForConditionalGenerati
     def _etc_decode_inputs(self, input_ids, attention_mask, position_ids, cache) -> dict:
         # For text on a compressed cache, positions follow from the cache itself: generate()'s come from the rope
         # deltas it keeps on the model, stale after a prompt of another conversation.
-        if not bool(self._etc_visual_token_mask(input_ids).any()):
+        if not bool(self._visual_token_mask(input_ids).any()):
             position_ids = None
         return super()._etc_decode_inputs(input_ids, attention_mask, position_ids, cache)
 

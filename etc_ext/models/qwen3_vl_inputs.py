@@ -1,6 +1,7 @@
-"""Qwen3-VL's visual inputs for ETC: the encoder's outputs in placeholder order, ETC's units (an image, or one
-temporal group of a video) and their token grids, the checks of `mm_token_type_ids`, the M-RoPE positions of the
-user's sequence, and the images of a later turn (`count_images`, `select_images`)."""
+"""Qwen3-VL's visual inputs for ETC and the baselines: the family's forward and placeholders (`Qwen3VLInputsMixin`),
+the encoder's outputs in placeholder order, the units (an image, or one temporal group of a video) and their token
+grids, the checks of `mm_token_type_ids`, the M-RoPE positions of the user's sequence, and the images of a later turn
+(`count_images`, `select_images`)."""
 
 import copy
 from dataclasses import dataclass
@@ -8,11 +9,68 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from ..compress import ImageSpans, find_image_spans
 
 # mm_token_type_ids values (Qwen3-VL's processor): text, image, video.
 MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2
+PIXEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+class Qwen3VLInputsMixin:
+    """What ETC and the training-free baselines share on Qwen3-VL (`ETCQwen3VLForConditionalGeneration`,
+    `etc_ext.baselines.qwen3_vl.BaselineQwen3VLForConditionalGeneration`): the forward, with Hugging Face's
+    signature, handing the call to the compressor's `_compressed_forward` (`ETCMixin`, `BaselineMixin`), and where
+    the images and videos are. Listed first among a class's bases, so that the compressor's `super().forward` is
+    Hugging Face's."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        pixel_values_videos: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.LongTensor] = None,
+        video_grid_thw: Optional[torch.LongTensor] = None,
+        mm_token_type_ids: Optional[torch.IntTensor] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: Optional[dict] = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        r"""
+        Like `Qwen3VLForConditionalGeneration.forward` (`kwargs`: cache, labels, use_cache, ... and the compressor's
+        own, e.g. ETC's `etc_prefill_method`), compressing the images and videos when the compressor is enabled: see
+        `ETCMixin._etc_forward` (ETC) or `BaselineMixin._baseline_forward` (the baselines). The processor's outputs
+        go in unchanged. `position_ids` of a prompt with images, when given, are the user's M-RoPE positions (`(3 or
+        4, batch_size, sequence_length)`); otherwise they are computed with `get_rope_index`, which needs
+        `mm_token_type_ids` and the grids.
+        """
+        visual_kwargs = dict(
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+        )
+        encoded = {k: v for k, v in (mm_encoder_outputs or {}).items() if v is not None}  # generate()'s
+        return self._compressed_forward(
+            dict(visual_kwargs, encoded=encoded), visual_kwargs, input_ids, attention_mask, position_ids,
+            logits_to_keep, mm_encoder_outputs, inputs_embeds=inputs_embeds, **kwargs,
+        )  # fmt: skip
+
+    def _visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+
+    def _placeholder_token_ids(self) -> tuple:
+        return self.config.image_token_id, self.config.video_token_id
+
+    def _has_visual_inputs(self, visual_inputs: dict) -> bool:
+        pixels = visual_inputs["pixel_values"], visual_inputs["pixel_values_videos"]
+        return any(p is not None for p in pixels) or bool(visual_inputs["encoded"])
 
 
 @dataclass

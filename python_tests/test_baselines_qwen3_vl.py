@@ -408,6 +408,39 @@ def test_left_padded_batch_equals_its_rows_alone(method):
                 torch.testing.assert_close(out.logits[step][0], batch.logits[step][b], atol=1e-5, rtol=0)
 
 
+def greedy(model, **inputs):
+    return model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                          output_logits=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_follow_up_question_continues_the_compressed_cache(method):
+    """A follow-up question is answered from the first question's compressed cache (FastV-style keeps the tokens it
+    picked for the first question): generate() over the whole conversation with that cache equals one-token steps
+    on it; for a method that ignores the text, also a fresh generate() of the whole conversation."""
+    model = apply_baseline(tiny_qwen3_vl(), method, 4)
+    turn1, _, _ = qwen3_vl_batch(MIXED)
+    follow_up = torch.randint(3, 100, (2, 4), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        answer1 = greedy(model, **turn1)
+        conversation = torch.cat([answer1.sequences, follow_up], dim=1)
+        mask = torch.cat([turn1["attention_mask"], torch.ones(2, 3 + 4, dtype=torch.long)], dim=1)
+        inputs = dict(turn1, input_ids=conversation, attention_mask=mask, mm_token_type_ids=visual(conversation).long())
+        cache = copy.deepcopy(answer1.cache)
+        covered = cache.etc_state.covered_length(cache.get_seq_length())
+        for column in range(covered, conversation.shape[1]):  # the oracle: one token at a time
+            out = model(input_ids=conversation[:, column : column + 1], attention_mask=mask[:, : column + 1],
+                        cache=cache)  # fmt: skip
+        continued = greedy(model, **inputs, cache=answer1.cache)
+        fresh = greedy(model, **inputs)
+    torch.testing.assert_close(continued.logits[0], out.logits[:, -1], atol=1e-4, rtol=0)
+    if not model.baseline.implementation.reduces_while_encoding:
+        return  # the question-aware methods chose their tokens for the first question
+    assert torch.equal(continued.sequences, fresh.sequences)
+    for a, b in zip(continued.logits, fresh.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 def test_compression_changes_the_answer_logits():
     """K < N is not the unpatched model (the tests above could not pass with the baseline ignored)."""
     model = tiny_qwen3_vl()
@@ -438,3 +471,10 @@ def test_bad_arguments_raise_clear_errors():
         model(**without_types)
     with pytest.raises(NotImplementedError, match="output_hidden_states is not supported"):
         model(**inputs, output_hidden_states=True)
+    original = tiny_qwen3_vl()
+    model = apply_baseline(copy.deepcopy(original), "visionzip", 4)
+    with torch.no_grad():  # features encoded by another model: no attention was recorded for them
+        encoded = original.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    without_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with pytest.raises(RuntimeError, match="0 encodings of the vision tower were recorded, expected 1"):
+        model(**without_pixels, mm_encoder_outputs={"image": encoded})

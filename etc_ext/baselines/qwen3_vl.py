@@ -226,24 +226,27 @@ class VisionAttentionRecorder:
 
 
 def recorded_evidence(encodings: list, kinds: list, has_images: bool, has_videos: bool) -> list:
-    """Per unit, in sequence order, `{"received": (n,), "keys": (n, D)}` from the recorded encodings (the images'
-    encoding first, then the videos', as the encoder runs them)."""
+    """Per unit, in sequence order, `{"received": (n,), "keys": (n, D)}` from the recorded encodings: the last ones,
+    the images' then the videos', as the encoder runs them right before the forward (generate() encodes before each
+    call; an earlier encoding that no forward used, e.g. of a call that continued a cache, is stale)."""
     expected = int(has_images) + int(has_videos)
-    if len(encodings) != expected:
+    if len(encodings) < expected:
         raise RuntimeError(
             f"visionzip: {len(encodings)} encodings of the vision tower were recorded, expected {expected} (the "
             "tower must run after apply_baseline, in this forward or in generate(): pre-encoded mm_encoder_outputs "
             "from elsewhere carry no attention)"
         )
+    encodings = encodings[len(encodings) - expected :]
     chunks = {}
-    if has_images:
-        chunks["image"] = iter(encodings[0])
-    if has_videos:
-        chunks["video"] = iter(encodings[-1])
-    try:
-        evidence = [next(chunks[kind]) for kind in kinds]
-    except StopIteration:
-        raise RuntimeError("visionzip: the recorded vision attention does not cover every image") from None
+    for kind, encoding in zip([k for k, present in (("image", has_images), ("video", has_videos)) if present],
+                              encodings):  # fmt: skip
+        if len(encoding) != kinds.count(kind):
+            raise RuntimeError(
+                f"visionzip: the recorded vision attention covers {len(encoding)} {kind} chunks, the prompt has "
+                f"{kinds.count(kind)} (were these features encoded by another call?)"
+            )
+        chunks[kind] = iter(encoding)
+    evidence = [next(chunks[kind]) for kind in kinds]
     return [{"received": received, "keys": keys} for received, keys in evidence]
 
 

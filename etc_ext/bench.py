@@ -6,7 +6,7 @@ Three tables, each a list of row dicts (JSON-ready) and a formatter:
   attention shape, N in the hundreds), one `generate()` per variant with a fixed number of new tokens: prefill ms
   (from the call to the end of the first forward: image encoding, input preparation and the prefill, ETC's two
   passes and cache compaction included), per-token decode ms and the KV-cache bytes right after the prefill. Variants:
-  the full model, ETC at M = 1, 4, 16 and (LLaVA) each training-free baseline at K = 1, 4, 16. Medians and minima
+  the full model, ETC at M = 1, 4, 16 and each training-free baseline at K = 1, 4, 16. Medians and minima
   over interleaved repeats (every variant runs once per round, so load on a shared machine hits all alike).
 - `target_memory_rows(quick)`: the peak memory of ETC's instruction scores (SDPA forward, q/k of one layer hooked,
   `cross_attn_scores`) vs the same scores read from an eager model with `output_attentions=True`, measured on the
@@ -78,22 +78,13 @@ def _tiny_llava_inputs(processor, model, text_before: int, text_after: int, batc
 
 def tiny_llava_variants(quick: bool) -> tuple[dict, dict, int]:
     """{label: model} for the full tiny LLaVA, ETC M in BUDGETS and each baseline at each K; inputs; N."""
-    from .baselines import apply_baseline
-    from .config import ETCConfig
     from .models.llava import apply_etc
     from .models.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava()
     model.generation_config.eos_token_id = None  # fixed-length generations
     inputs = _tiny_llava_inputs(processor, model, text_before=12, text_after=30)
-    variants = {("full", "-"): model}
-    for m in BUDGETS:
-        variants[("ETC", m)] = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
-    methods = BASELINE_METHODS[:2] + ("fastv",) if quick else BASELINE_METHODS
-    for method in methods:
-        for k in (1,) if quick else BUDGETS:
-            variants[(method, k)] = apply_baseline(copy.deepcopy(model), method, k)
-    return variants, inputs, model.config.image_seq_length
+    return compressed_variants(model, apply_etc, quick), inputs, model.config.image_seq_length
 
 
 QWEN_PAD, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 0, 250, 251, 252, 253
@@ -151,15 +142,29 @@ def _tiny_qwen3_vl_inputs(grid: tuple[int, int], text_before: int, text_after: i
 
 
 def tiny_qwen3_vl_variants(quick: bool) -> tuple[dict, dict, int]:
-    from .config import ETCConfig
+    """The same variants of the tiny Qwen3-VL; inputs; N."""
     from .models.qwen3_vl import apply_etc
 
     model = build_tiny_qwen3_vl()
     inputs, num_visual = _tiny_qwen3_vl_inputs((24, 24) if quick else (48, 48), text_before=13, text_after=29)
+    return compressed_variants(model, apply_etc, quick), inputs, num_visual
+
+
+def compressed_variants(model, apply_etc, quick: bool) -> dict:
+    """{(method, budget): model}: `model` itself ("full"), ETC at every M of BUDGETS (`apply_etc` of its family,
+    untrained parts: speed and memory only) and each training-free baseline at every K (quick: three of them at
+    K = 1)."""
+    from .baselines import apply_baseline
+    from .config import ETCConfig
+
     variants = {("full", "-"): model}
     for m in BUDGETS:
         variants[("ETC", m)] = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
-    return variants, inputs, num_visual
+    methods = BASELINE_METHODS[:2] + ("fastv",) if quick else BASELINE_METHODS
+    for method in methods:
+        for k in (1,) if quick else BUDGETS:
+            variants[(method, k)] = apply_baseline(copy.deepcopy(model), method, k)
+    return variants
 
 
 def _timed_generate(model, inputs: dict, new_tokens: int) -> dict:

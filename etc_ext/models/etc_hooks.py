@@ -69,7 +69,9 @@ def user_embeddings(embedding: nn.Module, input_ids: torch.Tensor, user_embeds=N
 
 
 class ETCBackboneHooks:
-    """What a backbone's ETC class implements (the "adapter"); `ETCMixin` calls these."""
+    """What a backbone's ETC class implements (the "adapter"); `ETCMixin` calls these. The family's inputs mixin
+    (e.g. `etc_ext.models.llava.LlavaInputsMixin`, shared with the baselines) provides `forward`,
+    `_visual_token_mask`, `_placeholder_token_ids` and `_has_visual_inputs`."""
 
     @classmethod
     def etc_visual_token_count(cls, config) -> tuple[int, Optional[tuple[int, int]]]:

@@ -11,16 +11,12 @@ and the KV-cache bytes after the prefill (full vs M compression tokens per image
 """
 
 import argparse
-import copy
-import statistics
-import time
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.cache_utils import DynamicCache
 
 import etc_ext  # noqa: F401
-from etc_ext.config import ETCConfig
+from common import compare_prefills, parse_prefill_arguments
 from etc_ext.models.llava import apply_etc
 
 IMAGE_TOKEN = 250
@@ -76,27 +72,6 @@ def build_batch(args, num_visual: int) -> dict:
     }
 
 
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
-def interleaved_medians(calls: dict, repeats: int, device: str) -> dict:
-    """Median wall time of each call; the calls take turns in every round so that load on a shared machine
-    affects all of them alike. One warm-up round first."""
-    times = {name: [] for name in calls}
-    outputs = {name: fn() for name, fn in calls.items()}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs[name] = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), min(times[name]), outputs[name]) for name in calls}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -109,14 +84,7 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--text-before", type=int, default=5)
     parser.add_argument("--text-after", type=int, default=40)
-    parser.add_argument("--num-compression-tokens", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_prefill_arguments(parser)
 
     model = build_model(args)
     num_visual = (args.image_size // args.patch_size) ** 2
@@ -128,32 +96,8 @@ def main():
         f"tokens/image, batch {args.batch_size} (left padded, prompt length {length}), {args.device} {args.dtype}, "
         f"{torch.get_num_threads()} threads, median and min of {args.repeats} interleaved runs"
     )
-    compressed = {}
-    for m in args.num_compression_tokens:
-        compressed[m] = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
-    calls = {("uncompressed", "-"): lambda: model(
-        **inputs, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
-    )}
-    for m, etc_model in compressed.items():
-        for method, name in (("segmented", "ETC two-pass"), ("masked", "ETC masked 1-pass")):
-            calls[(name, m)] = lambda etc_model=etc_model, method=method: etc_model(
-                **inputs, use_cache=True, etc_prefill_method=method
-            )
-    with torch.inference_mode():
-        results = interleaved_medians(calls, args.repeats, args.device)
-    full_bytes = cache_bytes(results[("uncompressed", "-")][2].cache)
-    rows = [
-        (name, m, median, fastest, out.cache.get_seq_length(), cache_bytes(out.cache))
-        for (name, m), (median, fastest, out) in results.items()
-    ]
+    compare_prefills(model, apply_etc, inputs, args.num_compression_tokens, args.repeats, args.device)
 
-    print(f"\n{'prefill':<20}{'M':>3}{'median [ms]':>13}{'min [ms]':>10}", end="")
-    print(f"{'cache len':>11}{'KV bytes':>12}{'vs full':>9}")
-    for name, m, median, fastest, cache_length, nbytes in rows:
-        print(
-            f"{name:<20}{m!s:>3}{median * 1e3:>13.1f}{fastest * 1e3:>10.1f}{cache_length:>11}{nbytes:>12,}"
-            f"{nbytes / full_bytes:>9.3f}"
-        )
 
 
 if __name__ == "__main__":

@@ -16,16 +16,12 @@ On a shared CPU pass `--threads 1`: intra-op threads on a loaded machine mostly 
 """
 
 import argparse
-import copy
-import statistics
-import time
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from transformers.cache_utils import DynamicCache
 
 import etc_ext  # noqa: F401
-from etc_ext.config import ETCConfig
+from common import compare_prefills, parse_prefill_arguments
 from etc_ext.cost import TextModelShape, kv_cache_bytes, qwen3_vl_2b_config
 from etc_ext.models.qwen3_vl import apply_etc
 
@@ -92,27 +88,6 @@ def build_batch(args, model) -> dict:
     }, num_visual
 
 
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-
-def interleaved_medians(calls: dict, repeats: int, device: str) -> dict:
-    """Median and min wall time of each call; the calls take turns in every round so that load on a shared machine
-    affects all of them alike. One warm-up round first."""
-    times = {name: [] for name in calls}
-    outputs = {name: fn() for name, fn in calls.items()}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs[name] = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), min(times[name]), outputs[name]) for name in calls}
-
-
 def report_qwen3_vl_2b(num_prefix: int, num_visual: int, num_text: int, compression=(1, 4)) -> None:
     """KV-cache bytes of Qwen3-VL-2B (28 layers, 8 kv heads of 128) for one prompt, full vs ETC."""
     shape = TextModelShape.from_config(qwen3_vl_2b_config().text_config)
@@ -143,14 +118,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--text-before", type=int, default=13, help="text tokens before <|vision_start|>")
     parser.add_argument("--text-after", type=int, default=29, help="text tokens after <|vision_end|> (first row)")
-    parser.add_argument("--num-compression-tokens", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_prefill_arguments(parser)
 
     model = build_model(args)
     inputs, num_visual = build_batch(args, model)
@@ -162,31 +130,7 @@ def main():
         f"tokens/image, batch {args.batch_size} (left padded, prompt length {length}), {args.device} {args.dtype}, "
         f"{torch.get_num_threads()} threads, median and min of {args.repeats} interleaved runs"
     )
-    compressed = {}
-    for m in args.num_compression_tokens:
-        compressed[m] = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
-    calls = {
-        ("uncompressed", "-"): lambda: model(
-            **inputs, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
-        )
-    }
-    for m, etc_model in compressed.items():
-        for method, name in (("segmented", "ETC two-pass"), ("masked", "ETC masked 1-pass")):
-            calls[(name, m)] = lambda etc_model=etc_model, method=method: etc_model(
-                **inputs, use_cache=True, etc_prefill_method=method
-            )
-    with torch.inference_mode():
-        results = interleaved_medians(calls, args.repeats, args.device)
-    full_bytes = cache_bytes(results[("uncompressed", "-")][2].cache)
-
-    print(f"\n{'prefill':<20}{'M':>3}{'median [ms]':>13}{'min [ms]':>10}", end="")
-    print(f"{'cache len':>11}{'KV bytes':>12}{'vs full':>9}")
-    for (name, m), (median, fastest, out) in results.items():
-        nbytes = cache_bytes(out.cache)
-        print(
-            f"{name:<20}{m!s:>3}{median * 1e3:>13.1f}{fastest * 1e3:>10.1f}{out.cache.get_seq_length():>11}"
-            f"{nbytes:>12,}{nbytes / full_bytes:>9.3f}"
-        )
+    compare_prefills(model, apply_etc, inputs, args.num_compression_tokens, args.repeats, args.device)
     # the first row's prompt: the vision start / end tokens count as text
     report_qwen3_vl_2b(args.text_before + 1, num_visual, args.text_after + 1, tuple(args.num_compression_tokens))
 

@@ -1,8 +1,11 @@
 """Shared pieces of the benchmarks: shapes, input builders, timing and peak-memory probes."""
 
+import copy
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -101,3 +104,70 @@ print(json.dumps(peak))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def interleaved_medians(calls: dict, repeats: int, device: str) -> dict:
+    """Median and min wall time of each call (and its last output); the calls take turns in every round so that load
+    on a shared machine affects all of them alike. One warm-up round first."""
+    times = {name: [] for name in calls}
+    outputs = {name: fn() for name, fn in calls.items()}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), min(times[name]), outputs[name]) for name in calls}
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def parse_prefill_arguments(parser):
+    """Adds the options every backbone prefill benchmark takes, parses the command line and applies --threads."""
+    parser.add_argument("--num-compression-tokens", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def compare_prefills(model, apply_etc, inputs: dict, num_compression_tokens, repeats: int, device: str) -> None:
+    """Times the uncompressed prefill of `inputs` against ETC's two-pass and masked one-pass prefills at each M (copies
+    of `model` with `apply_etc`, untrained compression tokens: the timing does not depend on them) and prints a table
+    of times and cache sizes (the backbone benchmarks' shared body)."""
+    from transformers.cache_utils import DynamicCache
+
+    from etc_ext.config import ETCConfig
+
+    calls = {
+        ("uncompressed", "-"): lambda: model(
+            **inputs, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+        )
+    }
+    for m in num_compression_tokens:
+        etc_model = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
+        for method, name in (("segmented", "ETC two-pass"), ("masked", "ETC masked 1-pass")):
+            calls[(name, m)] = lambda etc_model=etc_model, method=method: etc_model(
+                **inputs, use_cache=True, etc_prefill_method=method
+            )
+    with torch.inference_mode():
+        results = interleaved_medians(calls, repeats, device)
+    full_bytes = cache_bytes(results[("uncompressed", "-")][2].cache)
+
+    print(f"\n{'prefill':<20}{'M':>3}{'median [ms]':>13}{'min [ms]':>10}", end="")
+    print(f"{'cache len':>11}{'KV bytes':>12}{'vs full':>9}")
+    for (name, m), (median, fastest, out) in results.items():
+        nbytes = cache_bytes(out.cache)
+        print(
+            f"{name:<20}{m!s:>3}{median * 1e3:>13.1f}{fastest * 1e3:>10.1f}{out.cache.get_seq_length():>11}"
+            f"{nbytes:>12,}{nbytes / full_bytes:>9.3f}"
+        )

@@ -4,12 +4,12 @@ it needs to know about a model (`VisualGeometry`)."""
 from dataclasses import dataclass
 from typing import Optional
 
+from ..models.common import QUERY_MODES  # the query tokens are chosen as ETC chooses its instruction tokens
 from .grid import grid_shape
 from .registry import method_class
 
 __all__ = ["BaselineConfig", "VisualGeometry", "QUERY_MODES", "GROUPINGS", "OPTION_FIELDS"]
 
-QUERY_MODES = ("last", "instruction")
 OPTION_FIELDS = ("layer", "query", "grouping", "dominant", "keep_cls")  # the methods' options: BaselineConfig fields
 GROUPINGS = ("spatial", "similarity")
 

@@ -8,8 +8,7 @@ from typing import Optional
 import torch
 
 from ..compress import ETCCacheState, ImageSpans, default_position_ids, right_aligned_index
-from ..models.common import instruction_index
-from .config import QUERY_MODES
+from ..models.common import query_index  # noqa: F401  (re-exported: the methods pick their queries with it)
 
 __all__ = [
     "query_index",
@@ -22,32 +21,6 @@ __all__ = [
     "gather_positions",
     "last_position",
 ]
-
-
-def query_index(
-    spans: ImageSpans,
-    image_token_mask: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    labels: Optional[torch.Tensor],
-    mode: str,
-) -> torch.Tensor:
-    """`(I, T)` positions of the query tokens of each image's text-to-image attention, right-aligned, -1 = none.
-
-    "last": the prompt's last token (the row's last real token; FastV's query), `T = 1`. "instruction": the real
-    text tokens after the image. With `labels`, answer tokens (labels != -100) are never queries.
-    """
-    length = image_token_mask.shape[1]
-    if mode == "last":
-        rows = spans.row
-        real = torch.ones(len(spans), length, dtype=torch.bool, device=rows.device)
-        if attention_mask is not None:
-            real = real & attention_mask.bool()[rows]
-        if labels is not None:
-            real = real & (labels[rows] == -100)
-        return right_aligned_index(real)[:, -1:]
-    if mode == "instruction":  # ETC's instruction tokens
-        return instruction_index(spans, image_token_mask, attention_mask, labels, length)
-    raise ValueError(f"query must be one of {list(QUERY_MODES)}, got {mode!r}")
 
 
 # ============================================================================ the compressed sequence

@@ -37,7 +37,8 @@ __all__ = [
     "etc_subclass",
     "frozen_teacher",
     "snapshot_teacher",
-    "instruction_index",
+    "QUERY_MODES",
+    "query_index",
     "check_etc_inputs",
     "save_pretrained",
     "from_pretrained",
@@ -312,22 +313,34 @@ def snapshot_teacher(model: nn.Module) -> FrozenTeacher:
     return frozen_teacher(model, lambda base: base._etc_teacher_modules())
 
 
-def instruction_index(
+QUERY_MODES = ("last", "instruction")
+
+
+def query_index(
     spans: ImageSpans,
     visual_token_mask: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
-    length: int,
+    mode: str = "instruction",
 ) -> torch.Tensor:
-    """`(I, T)` positions of each image's instruction tokens: real text tokens after the image that are not visual
-    tokens (of any image) nor answer tokens (labels == -100 when labels are given), right-aligned, -1 = none."""
-    rows = spans.row
-    after = torch.arange(length, device=rows.device)[None] >= spans.end[:, None]  # (I, L)
-    select = after & ~visual_token_mask[rows]
+    """`(I, T)` positions of the query tokens of each image's text-to-image attention, right-aligned, -1 = none.
+
+    "instruction" (ETC's target, the instruction-aware baselines): real text tokens after the image that are not
+    visual tokens (of any image). "last": the row's last real token (FastV's query), `T = 1`. With `labels`, answer
+    tokens (labels != -100) are never queries.
+    """
+    if mode not in QUERY_MODES:
+        raise ValueError(f"query must be one of {list(QUERY_MODES)}, got {mode!r}")
+    rows, length = spans.row, visual_token_mask.shape[1]
+    select = torch.ones(len(spans), length, dtype=torch.bool, device=rows.device)  # (I, L)
     if attention_mask is not None:
         select &= attention_mask.bool()[rows]
     if labels is not None:
         select &= labels[rows] == -100
+    if mode == "last":
+        return right_aligned_index(select)[:, -1:]
+    select &= torch.arange(length, device=rows.device)[None] >= spans.end[:, None]
+    select &= ~visual_token_mask[rows]
     return right_aligned_index(select)
 
 

@@ -159,9 +159,7 @@ class ETCTrainingMixin(ETCBackboneHooks):
         `(N_i,)`, before min-max) and `instruction_index` `(I, T)` (user positions, -1 = none)."""
         config = self.etc.config
         spans = prepared.spans
-        instruction_index = common.instruction_index(
-            spans, prepared.visual_token_mask, attention_mask, labels, input_ids.shape[1]
-        )
+        instruction_index = common.query_index(spans, prepared.visual_token_mask, attention_mask, labels)
         teacher_states, recorder = self._etc_teacher_pass(
             prepared, input_ids, attention_mask, hidden_index, attention_layer
         )

@@ -83,6 +83,46 @@ def tiny_qwen3_vl(attn_implementation="sdpa", seed=0, hidden_size=64, num_layers
     return model.eval()
 
 
+def padded_batch(sequences, padding_side="left", answer=0):
+    """`input_ids`, `attention_mask` and `labels` of token lists padded to one length with PAD_TOKEN_ID (`labels`: the
+    last `answer` real tokens of each row, -100 elsewhere)."""
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), length), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, tokens in enumerate(sequences):
+        start = length - len(tokens) if padding_side == "left" else 0
+        end = start + len(tokens)
+        input_ids[i, start:end] = torch.tensor(tokens)
+        attention_mask[i, start:end] = 1
+        if answer:
+            labels[i, end - answer : end] = input_ids[i, end - answer : end]
+    return input_ids, attention_mask, labels
+
+
+def llava_batch(rows, *, image_tokens, image_size, padding_side="left", seed=1, answer=0, pixel_seed=None):
+    """rows: per sample, segments: an int k = k random text tokens, "I" = one image (`image_tokens` placeholders
+    IMAGE_TOKEN_ID). The text tokens depend only on the segments' lengths. Returns the inputs (input_ids,
+    attention_mask, pixel_values: one image per "I", in order; drawn after the text from the same generator, or from
+    `pixel_seed`'s) and labels (see `padded_batch`)."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences, images = [], 0
+    for row in rows:
+        tokens = []
+        for segment in row:
+            if segment == "I":
+                tokens += [IMAGE_TOKEN_ID] * image_tokens
+                images += 1
+            else:
+                tokens += torch.randint(3, 90, (segment,), generator=generator).tolist()
+        sequences.append(tokens)
+    input_ids, attention_mask, labels = padded_batch(sequences, padding_side, answer)
+    if pixel_seed is not None:
+        generator = torch.Generator().manual_seed(pixel_seed)
+    pixel_values = torch.randn(images, 3, image_size, image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}, labels
+
+
 def qwen3_vl_batch(rows, seed=1, answer=0):
     """rows: per sample, a list of segments: an int k = k random text tokens; ("I", h, w) = an image of h x w
     patches ((h/2)*(w/2) tokens); ("V", t, h, w) = a video of t temporal groups, each "<t s>" (2 text tokens) then its
@@ -117,15 +157,7 @@ def qwen3_vl_batch(rows, seed=1, answer=0):
                 video_patches += t * h * w
         sequences.append(tokens)
         units.append(row_units)
-    length = max(map(len, sequences))
-    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, tokens in enumerate(sequences):
-        input_ids[i, length - len(tokens) :] = torch.tensor(tokens)
-        attention_mask[i, length - len(tokens) :] = 1
-        if answer:
-            labels[i, length - answer :] = input_ids[i, length - answer :]
+    input_ids, attention_mask, labels = padded_batch(sequences, answer=answer)
     inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -140,6 +172,25 @@ def qwen3_vl_batch(rows, seed=1, answer=0):
     return inputs, labels, units
 
 
+def qwen3_vl_greedy_loop(model, inputs, steps):
+    """Greedy decoding by re-running the forward on the growing sequence (no cache): the oracle for generate() of
+    compressors whose forward over prompt + generated tokens gives what decoding does. Returns the sequences and
+    each step's last-position logits."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    logits_per_step = []
+    for _ in range(steps):
+        mm_token_type_ids = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **pixels
+        ).logits[:, -1]
+        logits_per_step.append(logits)
+        next_token = logits.argmax(-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_token], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    return input_ids, logits_per_step
+
+
 def assert_refused_alike(functions, call, error, message: str) -> None:
     """Each of `functions` (an op's wrapper, `torch.ops.etc_ext.<op>` and its fake) refuses `call(function)` with
     `error` and a message holding `message`: the checks are written once in C++ (csrc/checks.h) and mirrored by the
@@ -150,6 +201,43 @@ def assert_refused_alike(functions, call, error, message: str) -> None:
         assert message in str(info.value), (function, message, str(info.value))
 
 
+def logits_with_compression_states_held(model, inputs: dict, other_inputs: dict, layout):
+    """The bottleneck probe of the ETC backbone tests: `(reference, changed, held)` logits of `inputs`, of
+    `other_inputs` (other pixels), and of `other_inputs` with the compression tokens' hidden states after every decoder
+    layer overwritten by those `inputs` gave (`layout`: the `ETCLayout` of the batch). Where the text sees the image
+    only through the compression tokens, `held` equals `reference` at the text."""
+    rows = layout.spans.row[:, None].expand_as(layout.compression_index)
+    captured = {}
+
+    def capture(index):
+        def hook(module, args, output):
+            captured[index] = output[rows, layout.compression_index].clone()
+
+        return hook
+
+    def overwrite(index):
+        def hook(module, args, output):
+            output = output.clone()
+            output[rows, layout.compression_index] = captured[index]
+            return output
+
+        return hook
+
+    def run_hooked(hook, call_inputs):
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.language_model.layers)]
+        try:
+            return model(**call_inputs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.no_grad():
+        reference = run_hooked(capture, inputs)
+        changed = model(**other_inputs).logits
+        held = run_hooked(overwrite, other_inputs)
+    return reference, changed, held
+
+
 def pytest_report_header(config):
     import etc_ext
 
@@ -157,6 +245,16 @@ def pytest_report_header(config):
         f"etc_ext {etc_ext.__version__} (built_with_cuda={etc_ext.built_with_cuda()}), "
         f"torch {torch.__version__}, cuda available={torch.cuda.is_available()}"
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on the tiny models: their ops are far too small for intra-op
+    threads, which on a shared, busy CPU only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import llava_batch
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import DynamicCache
@@ -28,7 +29,6 @@ from etc_ext.config import ETCConfig
 from etc_ext.models.llava import apply_etc
 
 IMAGE = 99  # image token id
-PAD = 0
 IMAGE_SIZE, PATCH = 16, 4
 SIDE = IMAGE_SIZE // PATCH
 N = SIDE * SIDE  # 16 visual tokens per image (4 x 4)
@@ -37,13 +37,7 @@ CHAT = [[2, "I", 3], [2, "I", 6]]  # same prefix, questions of different lengths
 MIXED = [[2, "I", 3], [1, "I", 2, "I", 4]]  # rows with one and two images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is several times faster than OpenMP on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def tiny_llava(num_layers=3, image_size=IMAGE_SIZE, patch=PATCH, seed=0, strategy="default"):
@@ -55,29 +49,12 @@ def tiny_llava(num_layers=3, image_size=IMAGE_SIZE, patch=PATCH, seed=0, strateg
 
 
 def make_batch(rows, image_tokens=N, padding_side="left", seed=1, image_size=IMAGE_SIZE):
-    """rows: per sample, segments: an int k = k random text tokens, "I" = one image (`image_tokens` placeholders).
-    The text tokens depend only on the segments' lengths, so the same rows with another `image_tokens` give the same
-    text. Returns input_ids, attention_mask and pixel_values (one image per "I")."""
-    generator = torch.Generator().manual_seed(seed)
-    sequences, images = [], 0
-    for row in rows:
-        tokens = []
-        for segment in row:
-            if segment == "I":
-                tokens += [IMAGE] * image_tokens
-                images += 1
-            else:
-                tokens += torch.randint(3, 90, (segment,), generator=generator).tolist()
-        sequences.append(tokens)
-    length = max(map(len, sequences))
-    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, tokens in enumerate(sequences):
-        start = length - len(tokens) if padding_side == "left" else 0
-        input_ids[i, start : start + len(tokens)] = torch.tensor(tokens)
-        attention_mask[i, start : start + len(tokens)] = 1
-    pixel_values = torch.randn(images, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed + 7))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    """conftest's `llava_batch` with this file's sizes: the inputs only."""
+    inputs, _ = llava_batch(
+        rows, image_tokens=image_tokens, image_size=image_size, padding_side=padding_side, seed=seed,
+        pixel_seed=seed + 7,
+    )  # fmt: skip
+    return inputs
 
 
 def positions(attention_mask):

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE, VIDEO, qwen3_vl_batch, tiny_qwen3_vl
+from conftest import IMAGE, VIDEO, qwen3_vl_batch, qwen3_vl_greedy_loop, tiny_qwen3_vl
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     BaseModelOutputWithDeepstackFeatures,
     apply_rotary_pos_emb_vision,
@@ -42,12 +42,7 @@ FULL_BUDGET = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def visual(input_ids):
@@ -321,21 +316,6 @@ def test_visionzip_without_cls_matches_a_reference():
 
 
 # ============================================================================ K < N: cache, decoding, batches
-def forward_loop(model, inputs, steps):
-    """Greedy decoding by re-running the forward on the growing sequence (for methods that ignore the text)."""
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    logits_per_step = []
-    for _ in range(steps):
-        mm_token_type_ids = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                       **pixels).logits[:, -1]  # fmt: skip
-        logits_per_step.append(logits)
-        input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-    return input_ids, logits_per_step
-
-
 @pytest.mark.parametrize("method", ["mean", "subsample", "visionzip"])
 def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(method):
     model = apply_baseline(tiny_qwen3_vl(), method, 4)
@@ -343,7 +323,7 @@ def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(m
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)  # fmt: skip
-        sequences, logits = forward_loop(model, inputs, 4)
+        sequences, logits = qwen3_vl_greedy_loop(model, inputs, 4)
     for step in range(4):
         torch.testing.assert_close(out.logits[step], logits[step], atol=1e-5, rtol=0)
     assert torch.equal(out.sequences, sequences)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import llava_batch, logits_with_compression_states_held
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -33,7 +34,6 @@ from etc_ext.models.llava import (
 )
 
 IMAGE = 99  # image token id
-PAD = 0
 IMAGE_SIZE, PATCH = 16, 4
 N = (IMAGE_SIZE // PATCH) ** 2  # 16 visual tokens per image
 
@@ -51,34 +51,10 @@ def small_config(**changes):
 
 
 def make_batch(rows, padding_side="left", seed=1, answer=0):
-    """rows: per sample, a list of segments: an int k = k random text tokens, "I" = one image (N tokens).
-    Returns input_ids, attention_mask, pixel_values (one image per "I", in order) and labels (the last `answer` real
-    tokens of each row are the answer, the rest -100)."""
-    generator = torch.Generator().manual_seed(seed)
-    sequences, images = [], 0
-    for row in rows:
-        tokens = []
-        for segment in row:
-            if segment == "I":
-                tokens += [IMAGE] * N
-                images += 1
-            else:
-                tokens += torch.randint(3, 90, (segment,), generator=generator).tolist()
-        sequences.append(tokens)
-    length = max(map(len, sequences))
-    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, tokens in enumerate(sequences):
-        start = length - len(tokens) if padding_side == "left" else 0
-        input_ids[i, start : start + len(tokens)] = torch.tensor(tokens)
-        attention_mask[i, start : start + len(tokens)] = 1
-        if answer:
-            labels[i, start + len(tokens) - answer : start + len(tokens)] = input_ids[
-                i, start + len(tokens) - answer : start + len(tokens)
-            ]
-    pixel_values = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}, labels
+    """conftest's `llava_batch` with this file's sizes (N tokens per "I"): the inputs and labels."""
+    return llava_batch(
+        rows, image_tokens=N, image_size=IMAGE_SIZE, padding_side=padding_side, seed=seed, answer=answer
+    )
 
 
 CHAT = [[2, "I", 3], [2, "I", 6]]  # same prefix ("USER:"), questions of different lengths: left padding
@@ -352,34 +328,9 @@ def test_text_sees_the_image_only_through_the_compression_tokens():
     other = torch.randn_like(inputs["pixel_values"])
     spans = find_image_spans(inputs["input_ids"] == IMAGE, [N, N])
     layout = insert_compression_tokens(spans, inputs["input_ids"].shape[1], 2, inputs["attention_mask"])
-    rows = spans.row[:, None].expand_as(layout.compression_index)
-    captured = {}
-
-    def capture(index):
-        def hook(module, args, output):
-            captured[index] = output[rows, layout.compression_index].clone()
-
-        return hook
-
-    def overwrite(index):
-        def hook(module, args, output):
-            output = output.clone()
-            output[rows, layout.compression_index] = captured[index]
-            return output
-
-        return hook
-
-    layers = model.model.language_model.layers
-    with torch.no_grad():
-        handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
-        reference = model(**inputs).logits
-        for handle in handles:
-            handle.remove()
-        changed = model(**{**inputs, "pixel_values": other}).logits
-        handles = [layer.register_forward_hook(overwrite(i)) for i, layer in enumerate(layers)]
-        held = model(**{**inputs, "pixel_values": other}).logits
-        for handle in handles:
-            handle.remove()
+    reference, changed, held = logits_with_compression_states_held(
+        model, inputs, {**inputs, "pixel_values": other}, layout
+    )
     text_after = torch.arange(inputs["input_ids"].shape[1])[None] >= spans.end[:, None]
     text_after &= inputs["attention_mask"].bool()
     text_after[spans.row, spans.end - 1] = True  # the logits there come from the last compression token

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, IMAGE, KV_HEADS, VIDEO, tiny_qwen3_vl  # shared with the baseline tests
+from conftest import logits_with_compression_states_held, qwen3_vl_greedy_loop
 from conftest import qwen3_vl_batch as make_batch
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -34,6 +35,8 @@ from etc_ext.models.qwen3_vl import (
 
 M = 2
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 
 def small_config(**changes):
     return ETCConfig(**{"num_compression_tokens": M, "decoder_hidden_size": 16, "decoder_num_layers": 1, **changes})
@@ -50,23 +53,6 @@ def expected_cache_length(inputs, units):
     """Per row: real prompt tokens - sum N_i + M per image (or temporal group)."""
     real = inputs["attention_mask"].sum(-1)
     return torch.tensor([int(real[b]) - sum(n) + M * len(n) for b, n in enumerate(units)])
-
-
-def uncached_greedy(model, inputs, steps):
-    """Greedy decoding by re-running the (masked) forward on the growing sequence: the oracle for generate()."""
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    logits_per_step = []
-    for _ in range(steps):
-        mm_token_type_ids = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **pixels
-        ).logits[:, -1]
-        logits_per_step.append(logits)
-        next_token = logits.argmax(-1, keepdim=True)
-        input_ids = torch.cat([input_ids, next_token], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-    return input_ids, logits_per_step
 
 
 # ============================================================================ disabled / removed
@@ -218,7 +204,7 @@ def test_generate_matches_the_uncached_loop(case):
         out = model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
-        sequences, logits = uncached_greedy(model, inputs, steps)
+        sequences, logits = qwen3_vl_greedy_loop(model, inputs, steps)
     for step in range(steps):
         torch.testing.assert_close(out.logits[step], logits[step], atol=1e-4, rtol=0)
     assert torch.equal(out.sequences, sequences)
@@ -291,34 +277,7 @@ def test_text_sees_the_image_only_through_the_compression_tokens():
     other = {**inputs, "pixel_values": torch.randn_like(inputs["pixel_values"])}
     layout = prepare_inputs(model, **inputs).layout
     spans = layout.spans
-    rows = spans.row[:, None].expand_as(layout.compression_index)
-    captured = {}
-
-    def capture(index):
-        def hook(module, args, output):
-            captured[index] = output[rows, layout.compression_index].clone()
-
-        return hook
-
-    def overwrite(index):
-        def hook(module, args, output):
-            output = output.clone()
-            output[rows, layout.compression_index] = captured[index]
-            return output
-
-        return hook
-
-    layers = model.model.language_model.layers
-    with torch.no_grad():
-        handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
-        reference = model(**inputs).logits
-        for handle in handles:
-            handle.remove()
-        changed = model(**other).logits
-        handles = [layer.register_forward_hook(overwrite(i)) for i, layer in enumerate(layers)]
-        held = model(**other).logits
-        for handle in handles:
-            handle.remove()
+    reference, changed, held = logits_with_compression_states_held(model, inputs, other, layout)
     # Text after the first image (and the logits at each image's last visual token, which come from its last
     # compression token) depends on the pixels only through the compression tokens' states.
     first_end = spans.end[spans.index_in_row == 0]
@@ -556,11 +515,3 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="either pixel_values or mm_encoder_outputs"):
         model(**inputs, mm_encoder_outputs={"image": encoded})
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are far too small for intra-op threads; on a shared CPU they only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

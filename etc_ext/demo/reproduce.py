@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 
 from . import recipe

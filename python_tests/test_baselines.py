@@ -644,3 +644,21 @@ def test_a_new_method_is_one_registered_class():
         METHOD_CLASSES.pop("first_tokens", None)
     with pytest.raises(ValueError, match="unknown baseline method 'first_tokens'; choose one of"):
         apply_baseline(tiny_llava(), "first_tokens", 4)
+
+
+def test_the_package_lists_every_method_module_with_its_label():
+    """Each method module of etc_ext/baselines registers itself (the package imports every module it holds); METHODS
+    lists the methods that compress the image alone first, then those that read the question; the demo's table names
+    and its question-aware set come from the classes."""
+    import pkgutil
+
+    import etc_ext.baselines as baselines
+    from etc_ext.demo import run
+
+    modules = {info.name for info in pkgutil.iter_modules(baselines.__path__)}
+    assert {"mean", "subsample", "fastv", "visionzip", "instruction_merge"} <= modules
+    assert set(METHODS) == {"mean", "subsample", "fastv", "visionzip", "instruction_merge"}
+    assert METHODS == ("mean", "subsample", "visionzip", "fastv", "instruction_merge")
+    assert run.QUESTION_AWARE_METHODS == ("fastv", "instruction_merge")
+    assert run.BASELINE_LABELS["fastv"] == "FastV-style top-K" and baselines.method_label("mean") == "mean pooling"
+    assert all(baselines.METHOD_CLASSES[name].__module__ == f"etc_ext.baselines.{name}" for name in METHODS)

@@ -67,7 +67,8 @@ text keeps its positions), DeepStack's features follow their tokens (merged, sel
 "visionzip", without a [CLS] token there, keeps the tokens the last vision layer's queries attend to most.
 
 Layout of the package: one module per method (`mean`, `subsample`, `visionzip`, `fastv`, `instruction_merge`), each a
-`BaselineMethod` registered by name with its options (`registry`; a new method is one module plus its import below);
+`BaselineMethod` registered by name with its options (`registry`; a new method is one module: the package imports
+every module it holds);
 `config` (the options, checked), `grid` and `merging` (shared tensor helpers), `sequence` (the compressed sequence
 and the prefill cache's state), `model` (`BaselineMixin`: the forward's dispatch and passes, written once), the
 adapters `llava` (`BaselineLlavaForConditionalGeneration`) and `qwen3_vl` (`BaselineQwen3VLForConditionalGeneration`),
@@ -75,8 +76,13 @@ and `api` (`apply_baseline`, `remove_baseline`). Another model family is one ada
 `register_baseline_class`; the methods take tensors and the integration's hooks, not a model class.
 """
 
-# The method modules register themselves, in this order (the order of METHODS).
-from . import mean, subsample, fastv, visionzip, instruction_merge  # noqa: E402, F401  isort: skip
+import importlib
+import pkgutil
+
+# Every module of the package is imported: a method module registers its method by being here (a new method is one
+# file). METHODS lists them in `listing_order`.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 from .api import apply_baseline, register_baseline_class, remove_baseline  # noqa: E402
 from .config import BaselineConfig, VisualGeometry  # noqa: E402
 from .fastv import FastVPruner  # noqa: E402
@@ -87,7 +93,7 @@ from .model import Baseline, BaselineMixin  # noqa: E402
 from .qwen3_vl import BaselineQwen3VLForConditionalGeneration  # noqa: E402
 from .mean import mean_pool  # noqa: E402
 from .merging import group_logits, merge_groups, similarity_groups  # noqa: E402
-from .registry import METHOD_CLASSES, BaselineMethod, register_method  # noqa: E402
+from .registry import METHOD_CLASSES, BaselineMethod, listing_order, method_label, register_method  # noqa: E402
 from .sequence import (  # noqa: E402
     BaselineCacheState,
     CompressedLayout,
@@ -99,7 +105,7 @@ from .sequence import (  # noqa: E402
 from .subsample import subsample_index  # noqa: E402
 from .visionzip import visionzip_merge, visionzip_split  # noqa: E402
 
-METHODS = tuple(METHOD_CLASSES)
+METHODS = listing_order(METHOD_CLASSES)
 # Methods that act while the images are encoded: `get_image_features` returns K tokens per image.
 VISION_METHODS = tuple(name for name, cls in METHOD_CLASSES.items() if cls.reduces_while_encoding)
 
@@ -109,6 +115,7 @@ __all__ = [
     "BaselineConfig",
     "BaselineMethod",
     "register_method",
+    "method_label",
     "VisualGeometry",
     "Baseline",
     "BaselineCacheState",

@@ -125,6 +125,8 @@ class FastVPruner:
 @register_method
 class FastV(BaselineMethod):
     name = "fastv"
+    label = "FastV-style top-K"
+    reads_question = True  # the prompt's last token's attention ranks the visual tokens
     options = {"layer": 2, "query": "last"}
 
     def language_pass(self, model, inputs: LanguageInputs):

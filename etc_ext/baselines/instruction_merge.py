@@ -127,6 +127,8 @@ def first_pass_scores(
 @register_method
 class InstructionMerge(BaselineMethod):
     name = "instruction_merge"
+    label = "instruction-aware merge"
+    reads_question = True  # text-to-image scores weight the merge
     options = {"layer": 2, "query": "instruction", "grouping": "spatial"}
 
     def needs_grid(self, config) -> bool:

@@ -39,6 +39,7 @@ class ProjectedReduction(BaselineMethod):
 @register_method
 class MeanPooling(ProjectedReduction):
     name = "mean"
+    label = "mean pooling"
 
     def reduce_projected(self, features, config, geometry):
         return mean_pool(features, geometry.grid, config.num_tokens)

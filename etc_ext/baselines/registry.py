@@ -1,6 +1,6 @@
 """The registry of baseline methods: `BaselineMethod`, the interface a training-free compressor implements, and
-`register_method`. A new method is one module: a `BaselineMethod` subclass decorated with `register_method` (and an
-import line in `etc_ext/baselines/__init__.py`, which sets the order of `METHODS`).
+`register_method`. A new method is one module of `etc_ext/baselines/`: a `BaselineMethod` subclass decorated with
+`register_method` (the package imports each of its modules, so the method registers itself by being there).
 
 A method acts at one or more points of a model's forward; the model integration (`etc_ext.baselines.model`, with
 an adapter per backbone) calls it there:
@@ -23,7 +23,8 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .config import BaselineConfig, VisualGeometry
 
-__all__ = ["BaselineMethod", "LanguageInputs", "register_method", "method_class", "METHOD_CLASSES"]
+__all__ = ["BaselineMethod", "LanguageInputs", "register_method", "method_class", "method_label", "METHOD_CLASSES",
+           "listing_order"]
 
 
 @dataclass
@@ -82,6 +83,10 @@ class BaselineMethod:
     the module docstring). Stateless: the options live in the `BaselineConfig` each hook receives."""
 
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # how tables (the demo, `etc-ext bench`) name it; "" = `name`
+    # Whether it chooses what to keep after reading the question (its selection then holds for the prompt it saw:
+    # a follow-up question in the same conversation keeps it); the others compress the image alone, as ETC does.
+    reads_question: ClassVar[bool] = False
     # option -> default (None: resolved against the model), among BaselineConfig's option fields; BaselineConfig
     # accepts exactly these for this method.
     options: ClassVar[dict] = {}
@@ -141,3 +146,15 @@ def method_class(name: str) -> type:
     if name not in METHOD_CLASSES:
         raise ValueError(f"unknown baseline method {name!r}; choose one of {list(METHOD_CLASSES)}")
     return METHOD_CLASSES[name]
+
+
+def method_label(name: str) -> str:
+    """How tables name the registered method `name`."""
+    cls = method_class(name)
+    return cls.label or cls.name
+
+
+def listing_order(names) -> tuple:
+    """`names` of registered methods in the order tables list them: the methods that compress the image alone first,
+    then those that read the question, each group by name."""
+    return tuple(sorted(names, key=lambda name: (method_class(name).reads_question, name)))

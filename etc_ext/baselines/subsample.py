@@ -11,6 +11,7 @@ __all__ = ["Subsample", "subsample_index"]
 @register_method
 class Subsample(ProjectedReduction):
     name = "subsample"
+    label = "uniform subsampling"
 
     def reduce_projected(self, features, config, geometry):
         return features[:, subsample_index(geometry.grid, config.num_tokens, features.device)]

@@ -105,6 +105,7 @@ class RecordInto:
 @register_method
 class VisionZip(BaselineMethod):
     name = "visionzip"
+    label = "VisionZip-style merge"
     options = {"dominant": None, "keep_cls": None}
     reduces_while_encoding = True
     records_vision_attention = True  # backbones without a fixed grid record the evidence `reduce_image` reads

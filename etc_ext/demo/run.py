@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..baselines import METHODS
+from ..baselines import METHOD_CLASSES, METHODS, method_label
 from . import recipe
 from .artifacts import FULL_NAME, checkpoint_path, read_manifest
 
@@ -45,15 +45,9 @@ from .artifacts import FULL_NAME, checkpoint_path, read_manifest
 BASELINE_METHODS = METHODS
 # The compressors that read the question to choose what to keep (FastV-style: the prompt's last token's attention;
 # instruction-aware merge: text-to-image scores); the others compress the image alone, as ETC's tokens do.
-QUESTION_AWARE_METHODS = ("fastv", "instruction_merge")
+QUESTION_AWARE_METHODS = tuple(name for name in METHODS if METHOD_CLASSES[name].reads_question)
 TIME_LIMIT_S = 300.0  # `etc-ext demo` should finish in under 5 minutes on 2 CPU cores
-BASELINE_LABELS = {
-    "mean": "mean pooling",
-    "subsample": "uniform subsampling",
-    "fastv": "FastV-style top-K",
-    "visionzip": "VisionZip-style merge",
-    "instruction_merge": "instruction-aware merge",
-}
+BASELINE_LABELS = {name: method_label(name) for name in METHODS}
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def qwen3_vl_greedy_loop(model, inputs, steps):
 
 def assert_refused_alike(functions, call, error, message: str) -> None:
     """Each of `functions` (an op's wrapper, `torch.ops.etc_ext.<op>` and its fake) refuses `call(function)` with
-    `error` and a message holding `message`: the checks are written once in C++ (csrc/checks.h) and mirrored by the
+    `error` and a message holding `message`: the checks are written once in C++ (csrc/torch_bindings.cpp) and mirrored by the
     fakes (etc_ext/ops/checks.py) with the same wording, so eager and traced calls fail alike."""
     for function in functions:
         with pytest.raises(error) as info:

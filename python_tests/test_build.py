@@ -30,6 +30,29 @@ def test_version_and_build_flags():
         assert torch._C._dispatch_has_kernel_for_dispatch_key("etc_ext::cross_attn_scores", "CUDA")
 
 
+def test_every_op_has_its_kernels_wrapper_and_reference():
+    """What a new op brings (docs/new_baseline_or_op.md): a schema with CPU (and, when built, CUDA) kernels
+    registered by csrc/torch_bindings.cpp, a wrapper that `etc_ext.ops` exports from its module's `__all__`, and a
+    pure-PyTorch reference with the wrapper's signature."""
+    import inspect
+    import pkgutil
+
+    from etc_ext import ops, reference
+
+    schemas = {op.name.split("::")[1] for op in torch._C._jit_get_all_schemas() if op.name.startswith("etc_ext::")}
+    assert schemas == {"cross_attn_scores", "weighted_aggregate", "write_compressed_kv", "write_compressed_kv_layers"}
+    exported = []
+    for info in pkgutil.iter_modules(ops.__path__):
+        exported += getattr(__import__(f"etc_ext.ops.{info.name}", fromlist=["_"]), "__all__", [])
+    assert sorted(ops.__all__) == sorted(exported) and schemas <= set(ops.__all__)
+    for name in schemas:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"etc_ext::{name}", "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"etc_ext::{name}", "CUDA") == etc_ext.built_with_cuda()
+        wrapper, oracle = getattr(ops, name), getattr(reference, name)
+        wrapper_parameters = [p for p in inspect.signature(wrapper).parameters if p != "check"]
+        assert wrapper_parameters == list(inspect.signature(oracle).parameters), name
+
+
 def test_ops_example_agrees_with_pytorch():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ops_example.py"), "--batch", "1", "--text", "8", "--repeats", "1", "--device", "cpu"],

@@ -10,12 +10,11 @@
 // q.k^T is a skinny 32 x 576 x 128 product, and MKL packs k for every such call. Transposed,
 // each key row is read in place and broadcast against the packed q panel, so only the small
 // panel is packed (the micro-kernel alone: ~1.1 ms vs ~1.5 ms for MKL's batched matmul there).
-#include "../checks.h"
 #include "cpu_capability.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -244,7 +243,6 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
                                  const std::optional<at::Tensor>& q_mask,   // bool [B, T]
                                  const std::optional<at::Tensor>& kv_mask,  // bool [B, N]
                                  const std::optional<at::Tensor>& q_pos) {  // int64 [B, T]
-  check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos);
   TORCH_INTERNAL_ASSERT(q.device().is_cpu());
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys = k.size(2);
@@ -283,8 +281,5 @@ at::Tensor cross_attn_scores_cpu(const at::Tensor& q,  // [B, H, T, D]
   return at::where((count > 0).unsqueeze(1), scores, uniform);
 }
 
-TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
-  m.impl("cross_attn_scores", &cross_attn_scores_cpu);
-}
 
 }  // namespace etc_ext

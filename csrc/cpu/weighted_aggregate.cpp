@@ -16,7 +16,6 @@
 // The loops are templates on the instruction set (cpu_capability.h): vectors of its register
 // width, and a register tile that fits its register file. The split into tasks and the
 // per-thread buffers are decided here, once, for every instruction set alike.
-#include "../checks.h"
 #include "cpu_capability.h"
 #include "float_convert.h"
 #include "vec_math.h"
@@ -24,7 +23,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -524,50 +523,24 @@ void aggregate_converted(const at::Tensor& x,       // [B, N, C], stride(2) == 1
 
 }  // namespace
 
-at::Tensor weighted_aggregate_cpu(const at::Tensor& x,       // [B, N, C]
-                                  const at::Tensor& logits,  // [B, K, N]
-                                  const std::optional<at::Tensor>& importance,  // [B, N]
-                                  const std::optional<at::Tensor>& mask) {      // bool [B, N]
-  check_weighted_aggregate_args(x, logits, importance, mask);
+// Arguments checked and prepared by csrc/torch_bindings.cpp: logits [B, K, N] and bias [B, N]
+// (log importance, -inf at invalid tokens) contiguous in the accumulation type; out [B, K, C].
+void weighted_aggregate_cpu(const at::Tensor& x,       // [B, N, C]
+                            const at::Tensor& logits,  // [B, K, N]
+                            const at::Tensor& bias,    // [B, N]
+                            at::Tensor& out) {         // [B, K, C]
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
-  const int64_t batch = x.size(0), tokens = x.size(1), channels = x.size(2);
-  const int64_t rows = logits.size(1);
-  at::Tensor out = at::empty({batch, rows, channels}, x.options());
-  if (out.numel() == 0) return out;
-  if (tokens == 0) return out.zero_();
-
-  // Accumulation type: float32, or float64 for float64 x.
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_opts = x.options().dtype(acc_dtype);
-  // bias[b, n] = log(importance) for valid tokens, -inf otherwise: [B, N], small next to x.
-  at::Tensor bias = at::zeros({batch, tokens}, acc_opts);
-  if (importance.has_value()) {
-    const at::Tensor imp = importance->to(acc_dtype);
-    const double tiny = acc_dtype == at::kDouble ? std::numeric_limits<double>::min()
-                                                 : std::numeric_limits<float>::min();
-    bias = at::where(imp > 0, imp.clamp_min(tiny).log(),
-                     -std::numeric_limits<double>::infinity());
-  }
-  if (mask.has_value()) {
-    bias = bias.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
-  }
-  bias = bias.contiguous();
-  const at::Tensor logits_acc = logits.to(acc_dtype).contiguous();
   // The kernel reads x in its own dtype; only the channel stride must be 1.
   const at::Tensor x_rows = x.stride(2) == 1 ? x : x.contiguous();
 
   if (x.scalar_type() == at::kFloat) {
-    aggregate_float32(x_rows, logits_acc, bias, out);
-    return out;
+    aggregate_float32(x_rows, logits, bias, out);
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "weighted_aggregate_cpu", [&] {
-    if constexpr (!std::is_same_v<scalar_t, float>) aggregate_converted<scalar_t>(x_rows, logits_acc, bias, out);
+    if constexpr (!std::is_same_v<scalar_t, float>) aggregate_converted<scalar_t>(x_rows, logits, bias, out);
   });
-  return out;
 }
 
-TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
-  m.impl("weighted_aggregate", &weighted_aggregate_cpu);
-}
 
 }  // namespace etc_ext

@@ -4,14 +4,13 @@
 // the cache dtype. Slot -1 skips an entry. Out-of-range slots and indices are rejected by
 // the Python wrapper before the call; here they are skipped, so a call with check=False
 // never writes out of bounds.
-#include "../checks.h"
 #include "cpu_capability.h"
 #include "float_convert.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstring>
@@ -201,10 +200,13 @@ void write_weights_kernel(const WriteArgs& a, const at::Tensor& key, const at::T
   });
 }
 
-// Both ops: the layers share one layout (checked), so one WriteArgs describes them all.
-void write_layers_cpu(at::TensorList key_caches, at::TensorList value_caches, at::TensorList keys,
-                      at::TensorList values, const at::Tensor& slot_mapping,
-                      const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
+}  // namespace
+
+// Both ops (write_compressed_kv is one layer): checked by csrc/torch_bindings.cpp; the layers share
+// one layout, so one WriteArgs describes them all.
+void write_compressed_kv_layers_cpu(at::TensorList key_caches, at::TensorList value_caches,
+                                    at::TensorList keys, at::TensorList values, const at::Tensor& slot_mapping,
+                                    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
   const at::Tensor& key = keys[0];
   const at::Tensor& key_cache = key_caches[0];
   TORCH_INTERNAL_ASSERT(key.device().is_cpu());
@@ -238,36 +240,6 @@ void write_layers_cpu(at::TensorList key_caches, at::TensorList value_caches, at
       }
     });
   });
-}
-
-}  // namespace
-
-void write_compressed_kv_cpu(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
-                             at::Tensor& value_cache,  // [num_blocks, block_size, Hkv, D]
-                             const at::Tensor& key,    // [B, Hkv, N, D]
-                             const at::Tensor& value,  // [B, Hkv, N, D]
-                             const at::Tensor& slot_mapping,            // int64 [B, K]
-                             const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
-                             const std::optional<at::Tensor>& index) {  // int64 [B, K]
-  check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
-                                 index);
-  write_layers_cpu({key_cache}, {value_cache}, {key}, {value}, slot_mapping, weights, index);
-}
-
-void write_compressed_kv_layers_cpu(at::TensorList key_caches,    // L x [num_blocks, block_size, Hkv, D]
-                                    at::TensorList value_caches,  // L x [num_blocks, block_size, Hkv, D]
-                                    at::TensorList keys,          // L x [B, Hkv, N, D]
-                                    at::TensorList values,        // L x [B, Hkv, N, D]
-                                    const at::Tensor& slot_mapping,            // int64 [B, K]
-                                    const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
-                                    const std::optional<at::Tensor>& index) {  // int64 [B, K]
-  check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index);
-  write_layers_cpu(key_caches, value_caches, keys, values, slot_mapping, weights, index);
-}
-
-TORCH_LIBRARY_IMPL(etc_ext, CPU, m) {
-  m.impl("write_compressed_kv", &write_compressed_kv_cpu);
-  m.impl("write_compressed_kv_layers", &write_compressed_kv_layers_cpu);
 }
 
 }  // namespace etc_ext

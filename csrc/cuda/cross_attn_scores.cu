@@ -9,7 +9,6 @@
 // memory); every other case the FFMA kernels (row_stats_kernel + accumulate_kernel).
 // Memory beyond the output: at most two floats per query row. The [B, H, T, N] probabilities
 // are never written. Absent masks are null pointers, not tensors of ones (fewer launches).
-#include "../checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,7 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdint>
@@ -480,7 +479,6 @@ at::Tensor cross_attn_scores_cuda(const at::Tensor& q,  // [B, H, T, D]
                                   const std::optional<at::Tensor>& q_mask,   // bool [B, T]
                                   const std::optional<at::Tensor>& kv_mask,  // bool [B, N]
                                   const std::optional<at::Tensor>& q_pos) {  // int64 [B, T]
-  check_cross_attn_scores_args(q, k, scale, q_mask, kv_mask, q_pos);
   TORCH_INTERNAL_ASSERT(q.is_cuda());
   const c10::cuda::CUDAGuard device_guard(q.device());
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
@@ -536,8 +534,5 @@ at::Tensor cross_attn_scores_cuda(const at::Tensor& q,  // [B, H, T, D]
   return scores;
 }
 
-TORCH_LIBRARY_IMPL(etc_ext, CUDA, m) {
-  m.impl("cross_attn_scores", &cross_attn_scores_cuda);
-}
 
 }  // namespace etc_ext

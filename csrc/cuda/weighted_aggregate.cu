@@ -8,13 +8,12 @@
 // The [B, K, N] weights are never written. x may have any strides and any of the float
 // dtypes; logits are read as contiguous accumulation-type values (a conversion of the
 // small logits tensor at most).
-#include "../checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
@@ -168,36 +167,17 @@ void launch_aggregate(const at::Tensor& x, const at::Tensor& logits, const at::T
 
 }  // namespace
 
-at::Tensor weighted_aggregate_cuda(const at::Tensor& x,       // [B, N, C]
-                                   const at::Tensor& logits,  // [B, K, N]
-                                   const std::optional<at::Tensor>& importance,  // [B, N]
-                                   const std::optional<at::Tensor>& mask) {      // bool [B, N]
-  check_weighted_aggregate_args(x, logits, importance, mask);
+// Arguments checked and prepared by csrc/torch_bindings.cpp: logits [B, K, N] and bias [B, N]
+// (log importance, -inf at invalid tokens) contiguous in the accumulation type; out [B, K, C].
+void weighted_aggregate_cuda(const at::Tensor& x,       // [B, N, C]
+                             const at::Tensor& logits,  // [B, K, N]
+                             const at::Tensor& bias,    // [B, N]
+                             at::Tensor& out) {         // [B, K, C]
   TORCH_INTERNAL_ASSERT(x.is_cuda());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t batch = x.size(0), tokens = x.size(1), channels = x.size(2);
+  const int64_t batch = x.size(0), tokens = x.size(1);
   const int64_t rows = logits.size(1);
-  at::Tensor out = at::empty({batch, rows, channels}, x.options());
-  if (out.numel() == 0) return out;
-  if (tokens == 0) return out.zero_();
-
-  // Accumulation type: float32, or float64 for float64 x.
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_opts = x.options().dtype(acc_dtype);
-  // bias[b, n] = log(importance) for valid tokens, -inf otherwise: [B, N], small next to x.
-  at::Tensor bias = at::zeros({batch, tokens}, acc_opts);
-  if (importance.has_value()) {
-    const at::Tensor imp = importance->to(acc_dtype);
-    const double tiny = acc_dtype == at::kDouble ? std::numeric_limits<double>::min()
-                                                 : std::numeric_limits<float>::min();
-    bias = at::where(imp > 0, imp.clamp_min(tiny).log(),
-                     -std::numeric_limits<double>::infinity());
-  }
-  if (mask.has_value()) {
-    bias = bias.masked_fill(mask->logical_not(), -std::numeric_limits<double>::infinity());
-  }
-  bias = bias.contiguous();
-  const at::Tensor logits_acc = logits.to(acc_dtype).contiguous();
+  const auto acc_opts = logits.options();
   at::Tensor row_max = at::empty({batch, rows}, acc_opts);
   at::Tensor row_inv = at::empty({batch, rows}, acc_opts);
 
@@ -208,21 +188,17 @@ at::Tensor weighted_aggregate_cuda(const at::Tensor& x,       // [B, N, C]
     const int64_t rows_total = batch * rows;
     const int64_t stat_blocks = (rows_total + kWarps - 1) / kWarps;
     row_stats_kernel<acc_t><<<stat_blocks, kThreads, 0, stream>>>(
-        logits_acc.data_ptr<acc_t>(), bias.data_ptr<acc_t>(), rows_total, rows, tokens,
+        logits.data_ptr<acc_t>(), bias.data_ptr<acc_t>(), rows_total, rows, tokens,
         row_max.data_ptr<acc_t>(), row_inv.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // Few rows: 4 rows x 256 channels per block; else 16 rows x 64 channels.
     if (rows <= kRowsPerThread) {
-      launch_aggregate<scalar_t, 4>(x, logits_acc, bias, row_max, row_inv, out, stream);
+      launch_aggregate<scalar_t, 4>(x, logits, bias, row_max, row_inv, out, stream);
     } else {
-      launch_aggregate<scalar_t, 16>(x, logits_acc, bias, row_max, row_inv, out, stream);
+      launch_aggregate<scalar_t, 16>(x, logits, bias, row_max, row_inv, out, stream);
     }
   });
-  return out;
 }
 
-TORCH_LIBRARY_IMPL(etc_ext, CUDA, m) {
-  m.impl("weighted_aggregate", &weighted_aggregate_cuda);
-}
 
 }  // namespace etc_ext

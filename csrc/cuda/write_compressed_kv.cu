@@ -4,13 +4,12 @@
 // any strides, converting to the cache dtype. Slot -1 skips an entry. The Python wrapper
 // rejects out-of-range slots and indices before the call; here they are skipped, so a call
 // with check=False (CUDA graphs) never writes out of bounds.
-#include "../checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -137,11 +136,15 @@ __global__ void __launch_bounds__(kThreads)
               d * a.value_cache.s3] = static_cast<dst_t>(acc_v);
 }
 
-// Both ops: the layers share one layout (checked), so one WriteArgs describes them all; one
+
+}  // namespace
+
+// Both ops (write_compressed_kv is one layer): checked by csrc/torch_bindings.cpp; the layers share
+// one layout, so one WriteArgs describes them all; one
 // launch per kMaxLayers layers.
-void write_layers_cuda(at::TensorList key_caches, at::TensorList value_caches, at::TensorList keys,
-                       at::TensorList values, const at::Tensor& slot_mapping,
-                       const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
+void write_compressed_kv_layers_cuda(at::TensorList key_caches, at::TensorList value_caches,
+                                     at::TensorList keys, at::TensorList values, const at::Tensor& slot_mapping,
+                                     const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& index) {
   const at::Tensor& key = keys[0];
   const at::Tensor& key_cache = key_caches[0];
   TORCH_INTERNAL_ASSERT(key.is_cuda());
@@ -188,36 +191,6 @@ void write_layers_cuda(at::TensorList key_caches, at::TensorList value_caches, a
       }
     });
   });
-}
-
-}  // namespace
-
-void write_compressed_kv_cuda(at::Tensor& key_cache,    // [num_blocks, block_size, Hkv, D]
-                              at::Tensor& value_cache,  // [num_blocks, block_size, Hkv, D]
-                              const at::Tensor& key,    // [B, Hkv, N, D]
-                              const at::Tensor& value,  // [B, Hkv, N, D]
-                              const at::Tensor& slot_mapping,            // int64 [B, K]
-                              const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
-                              const std::optional<at::Tensor>& index) {  // int64 [B, K]
-  check_write_compressed_kv_args(key_cache, value_cache, key, value, slot_mapping, weights,
-                                 index);
-  write_layers_cuda({key_cache}, {value_cache}, {key}, {value}, slot_mapping, weights, index);
-}
-
-void write_compressed_kv_layers_cuda(at::TensorList key_caches,    // L x [num_blocks, block_size, Hkv, D]
-                                     at::TensorList value_caches,  // L x [num_blocks, block_size, Hkv, D]
-                                     at::TensorList keys,          // L x [B, Hkv, N, D]
-                                     at::TensorList values,        // L x [B, Hkv, N, D]
-                                     const at::Tensor& slot_mapping,            // int64 [B, K]
-                                     const std::optional<at::Tensor>& weights,  // float32 [B, K, N]
-                                     const std::optional<at::Tensor>& index) {  // int64 [B, K]
-  check_write_compressed_kv_layers_args(key_caches, value_caches, keys, values, slot_mapping, weights, index);
-  write_layers_cuda(key_caches, value_caches, keys, values, slot_mapping, weights, index);
-}
-
-TORCH_LIBRARY_IMPL(etc_ext, CUDA, m) {
-  m.impl("write_compressed_kv", &write_compressed_kv_cuda);
-  m.impl("write_compressed_kv_layers", &write_compressed_kv_layers_cuda);
 }
 
 }  // namespace etc_ext

@@ -8,24 +8,18 @@ implementation for torch.compile and, where it is differentiable, its autograd.
 - `cpu_capability`, `use_cpu_capability`, ... (`cpu_capability`): which instruction set (baseline, AVX2, AVX-512)
   the CPU kernels run with, chosen at run time.
 
-The kernels live in csrc/ and are registered as ``torch.ops.etc_ext.<name>`` (schemas in csrc/torch_bindings.cpp);
-their argument checks are written once, in csrc/checks.h, and mirrored for tracing by `checks` (the fakes'). The
-pure-PyTorch references are in `etc_ext.reference`.
+The kernels live in csrc/ and are registered as ``torch.ops.etc_ext.<name>``; csrc/torch_bindings.cpp holds every
+op's schema and argument checks, written once and mirrored for tracing by each module's fake (helpers in `checks`).
+The pure-PyTorch references are in `etc_ext.reference`. Each module's public names (its ``__all__``) are this
+package's: a new op is its module, nothing to add here.
 """
 
-from .aggregate import aggregation_weights, weighted_aggregate
-from .cpu_capability import cpu_capability, set_cpu_capability, supported_cpu_capabilities, use_cpu_capability
-from .kv_write import write_compressed_kv, write_compressed_kv_layers
-from .scores import _cross_attn_scores_backward, cross_attn_scores  # noqa: F401  (the backward: tests gradcheck it)
+import importlib
+import pkgutil
 
-__all__ = [
-    "cross_attn_scores",
-    "weighted_aggregate",
-    "aggregation_weights",
-    "write_compressed_kv",
-    "write_compressed_kv_layers",
-    "cpu_capability",
-    "supported_cpu_capabilities",
-    "set_cpu_capability",
-    "use_cpu_capability",
-]
+__all__ = []
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    for _name in getattr(_module, "__all__", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

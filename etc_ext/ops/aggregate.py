@@ -1,7 +1,7 @@
 """`weighted_aggregate`: the op's wrapper, its fake (meta) implementation and its autograd; and
 `aggregation_weights`, the same merge weights written out (torch ops, for callers that need them).
 
-The kernels are csrc/cpu/weighted_aggregate.cpp and csrc/cuda/weighted_aggregate.cu, their checks csrc/checks.h;
+The kernels are csrc/cpu/weighted_aggregate.cpp and csrc/cuda/weighted_aggregate.cu, their schema and checks csrc/torch_bindings.cpp;
 the pure-PyTorch reference is `etc_ext.reference.weighted_aggregate`.
 """
 

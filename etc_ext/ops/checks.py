@@ -1,8 +1,8 @@
-"""The helpers of the ops' fake (meta) argument checks: the contract of csrc/checks.h, written for tracing (each op
-module, e.g. `scores`, holds its own op's checks, built from these).
+"""The helpers of the ops' fake (meta) argument checks: the contract of csrc/torch_bindings.cpp, written for tracing
+(each op module, e.g. `scores`, holds its own op's checks, built from these).
 
-The C++ kernels check every call that runs (csrc/checks.h: ValueError for shapes, devices and values, TypeError for
-dtypes); under torch.compile / FakeTensor the fakes run instead, with these checks, so that a bad call fails the same
+The C++ entries check every call that runs (csrc/torch_bindings.cpp, with csrc/checks.h's helpers: ValueError for
+shapes, devices and values, TypeError for dtypes); under torch.compile / FakeTensor the fakes run instead, with these checks, so that a bad call fails the same
 way with the same message in both. `torch._check_value` / `torch._check_type` accept symbolic shapes.
 """
 
@@ -14,7 +14,7 @@ SCORE_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether t has the shape, strides and dtype of ref (csrc/checks.h's same_layout)."""
+    """Whether t has the shape, strides and dtype of ref (csrc/torch_bindings.cpp's same_layout)."""
     return t.shape == ref.shape and t.stride() == ref.stride() and t.dtype == ref.dtype
 
 

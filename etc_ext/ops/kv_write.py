@@ -2,7 +2,7 @@
 wrappers (with the data-dependent checks of slots and indices) and their fake (meta) implementations. The ops write
 in place and have no autograd (they are not differentiable).
 
-The kernels are csrc/cpu/write_compressed_kv.cpp and csrc/cuda/write_compressed_kv.cu, their checks csrc/checks.h
+The kernels are csrc/cpu/write_compressed_kv.cpp and csrc/cuda/write_compressed_kv.cu, their schema and checks csrc/torch_bindings.cpp
 (structure, and memory: no overlap between the written and the read tensors); the pure-PyTorch reference is
 `etc_ext.reference.write_compressed_kv`.
 """

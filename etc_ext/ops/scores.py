@@ -1,6 +1,6 @@
 """`cross_attn_scores`: the op's wrapper, its fake (meta) implementation and its autograd.
 
-The kernels are csrc/cpu/cross_attn_scores.cpp and csrc/cuda/cross_attn_scores.cu, their checks csrc/checks.h; the
+The kernels are csrc/cpu/cross_attn_scores.cpp and csrc/cuda/cross_attn_scores.cu, their schema and checks csrc/torch_bindings.cpp; the
 pure-PyTorch reference is `etc_ext.reference.cross_attn_scores`.
 """
 

@@ -16,7 +16,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import etc_ext  # noqa: F401
-from common import compare_prefills, parse_prefill_arguments
+from common import chat_batch, compare_prefills, parse_prefill_arguments
 from etc_ext.models.llava import apply_etc
 
 IMAGE_TOKEN = 250
@@ -49,22 +49,8 @@ def build_model(args) -> LlavaForConditionalGeneration:
 
 
 def build_batch(args, num_visual: int) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(args.batch_size):
-        question = args.text_after + 3 * i  # different lengths -> left padding
-        rows.append(
-            torch.randint(3, 200, (args.text_before,), generator=generator).tolist()
-            + [IMAGE_TOKEN] * num_visual
-            + torch.randint(3, 200, (question,), generator=generator).tolist()
-        )
-    length = max(map(len, rows))
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row) :] = torch.tensor(row)
-        attention_mask[i, length - len(row) :] = 1
-    pixel_values = torch.randn(len(rows), 3, args.image_size, args.image_size, generator=generator)
+    input_ids, attention_mask, generator = chat_batch(args, [IMAGE_TOKEN] * num_visual)
+    pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     return {
         "input_ids": input_ids.to(args.device),
         "attention_mask": attention_mask.to(args.device),

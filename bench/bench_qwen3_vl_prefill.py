@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import etc_ext  # noqa: F401
-from common import compare_prefills, parse_prefill_arguments
+from common import chat_batch, compare_prefills, parse_prefill_arguments
 from etc_ext.cost import TextModelShape, kv_cache_bytes, qwen3_vl_2b_config
 from etc_ext.models.qwen3_vl import apply_etc
 
@@ -56,23 +56,10 @@ def build_model(args) -> Qwen3VLForConditionalGeneration:
 
 def build_batch(args, model) -> dict:
     """Processor-like inputs with the images encoded once (mm_encoder_outputs)."""
-    generator = torch.Generator().manual_seed(1)
     height, width = args.grid
     num_visual = height * width // 4
-    rows = []
-    for i in range(args.batch_size):
-        question = args.text_after + 3 * i  # different lengths -> left padding
-        rows.append(
-            torch.randint(3, 200, (args.text_before,), generator=generator).tolist()
-            + [VISION_START] + [IMAGE] * num_visual + [VISION_END]
-            + torch.randint(3, 200, (question,), generator=generator).tolist()
-        )  # fmt: skip
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), PAD, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row) :] = torch.tensor(row)
-        attention_mask[i, length - len(row) :] = 1
+    image = [VISION_START] + [IMAGE] * num_visual + [VISION_END]
+    input_ids, attention_mask, generator = chat_batch(args, image, pad=PAD)
     grid = torch.tensor([[1, height, width]] * args.batch_size)
     pixel_values = torch.randn(args.batch_size * height * width, 24, generator=generator)
     with torch.no_grad():

@@ -127,6 +127,28 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
+def chat_batch(args, image_tokens: list, pad: int = 0) -> tuple:
+    """`(input_ids, attention_mask, generator)` of `args.batch_size` left-padded rows: `args.text_before` random tokens, the
+    image's `image_tokens`, then a question of `args.text_after + 3 i` random tokens (row i: different lengths, so
+    the rows are padded). Seeded: the same arguments give the same batch; the generator, for the pixels, continues."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(args.batch_size):
+        question = args.text_after + 3 * i
+        rows.append(
+            torch.randint(3, 200, (args.text_before,), generator=generator).tolist()
+            + image_tokens
+            + torch.randint(3, 200, (question,), generator=generator).tolist()
+        )
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row) :] = torch.tensor(row)
+        attention_mask[i, length - len(row) :] = 1
+    return input_ids, attention_mask, generator
+
+
 def parse_prefill_arguments(parser):
     """Adds the options every backbone prefill benchmark takes, parses the command line and applies --threads."""
     parser.add_argument("--num-compression-tokens", type=int, nargs="+", default=[1, 4])

@@ -172,23 +172,42 @@ def qwen3_vl_batch(rows, seed=1, answer=0):
     return inputs, labels, units
 
 
-def qwen3_vl_greedy_loop(model, inputs, steps):
+def greedy_forward_loop(model, inputs, steps):
     """Greedy decoding by re-running the forward on the growing sequence (no cache): the oracle for generate() of
-    compressors whose forward over prompt + generated tokens gives what decoding does. Returns the sequences and
-    each step's last-position logits."""
+    compressors whose forward over prompt + generated tokens gives what decoding does. Qwen3-VL inputs (with
+    `mm_token_type_ids`) get the token types of the grown sequence. Returns the sequences and each step's
+    last-position logits."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     logits_per_step = []
     for _ in range(steps):
-        mm_token_type_ids = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **pixels
-        ).logits[:, -1]
+        if "mm_token_type_ids" in inputs:
+            rest["mm_token_type_ids"] = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **rest).logits[:, -1]
         logits_per_step.append(logits)
         next_token = logits.argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     return input_ids, logits_per_step
+
+
+def train_etc_steps(model, inputs: dict, labels, steps: int, lr: float, vid_weight: float):
+    """Adam steps of an ETC model on one batch (the backbone tests' training check): each step's loss must be
+    `ce + vid_weight * vid`. Returns `(history, grads)`: the `(ce, vid)` of every step and the first step's gradient
+    of every parameter (None where none reached it)."""
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    history, grads = [], None
+    for _ in range(steps):
+        out = model(**inputs, labels=labels)
+        torch.testing.assert_close(out.loss, out.ce_loss + vid_weight * out.vid_loss)
+        history.append((out.ce_loss.item(), out.vid_loss.item()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        if grads is None:
+            grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+        optimizer.step()
+    return history, grads
 
 
 def assert_refused_alike(functions, call, error, message: str) -> None:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import llava_batch
+from conftest import greedy_forward_loop, llava_batch
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import DynamicCache
@@ -464,14 +464,10 @@ def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(m
         out = model.generate(
             **inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        for step in range(5):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
-            logits = logits.logits[:, -1]
-            torch.testing.assert_close(out.logits[step], logits, atol=1e-5, rtol=0)
-            input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-    assert torch.equal(out.sequences, input_ids)
+        sequences, logits_per_step = greedy_forward_loop(model, inputs, 5)
+    for step, logits in enumerate(logits_per_step):
+        torch.testing.assert_close(out.logits[step], logits, atol=1e-5, rtol=0)
+    assert torch.equal(out.sequences, sequences)
 
 
 # ============================================================================ the demo's budgets

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE, VIDEO, qwen3_vl_batch, qwen3_vl_greedy_loop, tiny_qwen3_vl
+from conftest import IMAGE, VIDEO, qwen3_vl_batch, greedy_forward_loop, tiny_qwen3_vl
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     BaseModelOutputWithDeepstackFeatures,
     apply_rotary_pos_emb_vision,
@@ -323,7 +323,7 @@ def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(m
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)  # fmt: skip
-        sequences, logits = qwen3_vl_greedy_loop(model, inputs, 4)
+        sequences, logits = greedy_forward_loop(model, inputs, 4)
     for step in range(4):
         torch.testing.assert_close(out.logits[step], logits[step], atol=1e-5, rtol=0)
     assert torch.equal(out.sequences, sequences)

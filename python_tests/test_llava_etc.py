@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import llava_batch, logits_with_compression_states_held
+from conftest import greedy_forward_loop, llava_batch, logits_with_compression_states_held, train_etc_steps
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -258,15 +258,10 @@ def test_generate_greedy_matches_a_masked_forward_loop():
         out = model.generate(
             **inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        for step in range(8):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
-            logits = logits.logits[:, -1]
-            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=0)
-            next_token = logits.argmax(-1, keepdim=True)
-            input_ids = torch.cat([input_ids, next_token], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-    assert torch.equal(out.sequences, input_ids)
+        sequences, logits_per_step = greedy_forward_loop(model, inputs, 8)
+    for step, logits in enumerate(logits_per_step):
+        torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=0)
+    assert torch.equal(out.sequences, sequences)
     # The cache holds M (not N) entries for the image: prompt - N + M, plus the 7 tokens fed back.
     length = inputs["input_ids"].shape[1]
     assert all(layer.keys.shape[2] == length - N + 2 + 7 for layer in out.cache.layers)
@@ -406,30 +401,18 @@ def test_vid_loss_closed_form():
 # ============================================================================ training
 def test_training_lowers_ce_and_vid_and_reaches_the_right_parameters():
     model = apply_etc(tiny_llava(), small_config(vid_weight=1e-3))
-    model.train()
     inputs, labels = make_batch(CHAT, answer=3)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=3e-3)
-    history = []
-    for step in range(8):
-        out = model(**inputs, labels=labels)
-        torch.testing.assert_close(out.loss, out.ce_loss + 1e-3 * out.vid_loss)
-        history.append((out.ce_loss.item(), out.vid_loss.item()))
-        optimizer.zero_grad()
-        out.loss.backward()
-        if step == 0:
-            grads = {name: p.grad for name, p in model.named_parameters()}
-            for prefix in (
-                "etc.compression_tokens.weight",
-                "model.multi_modal_projector.linear_1.weight",
-                "model.language_model.layers.0.self_attn.q_proj.weight",
-                "etc.distill.decoder.context_proj.weight",
-                "etc.distill.variance_weight",
-            ):
-                assert grads[prefix] is not None and grads[prefix].abs().sum() > 0, prefix
-            vision = [name for name in grads if name.startswith("model.vision_tower")]
-            assert vision and all(grads[name] is None for name in vision)
-        optimizer.step()
+    history, grads = train_etc_steps(model, inputs, labels, steps=8, lr=3e-3, vid_weight=1e-3)
+    for prefix in (
+        "etc.compression_tokens.weight",
+        "model.multi_modal_projector.linear_1.weight",
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "etc.distill.decoder.context_proj.weight",
+        "etc.distill.variance_weight",
+    ):
+        assert grads[prefix] is not None and grads[prefix].abs().sum() > 0, prefix
+    vision = [name for name in grads if name.startswith("model.vision_tower")]
+    assert vision and all(grads[name] is None for name in vision)
     (ce0, vid0), (ce1, vid1) = history[0], history[-1]
     assert ce1 < ce0 and vid1 < vid0, history
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, IMAGE, KV_HEADS, VIDEO, tiny_qwen3_vl  # shared with the baseline tests
-from conftest import logits_with_compression_states_held, qwen3_vl_greedy_loop
+from conftest import logits_with_compression_states_held, greedy_forward_loop, train_etc_steps
 from conftest import qwen3_vl_batch as make_batch
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -204,7 +204,7 @@ def test_generate_matches_the_uncached_loop(case):
         out = model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
-        sequences, logits = qwen3_vl_greedy_loop(model, inputs, steps)
+        sequences, logits = greedy_forward_loop(model, inputs, steps)
     for step in range(steps):
         torch.testing.assert_close(out.logits[step], logits[step], atol=1e-4, rtol=0)
     assert torch.equal(out.sequences, sequences)
@@ -361,32 +361,20 @@ def test_lora_training_lowers_ce_and_vid_and_reaches_the_right_parameters():
         tiny_qwen3_vl(), small_config(vid_weight=1e-3), default_lora_config(dropout=0.0)
     )
     assert default_lora_config().r == 8
-    model.train()
     inputs, labels, _ = make_batch(TWO_IMAGES, answer=3)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    history = []
-    for step in range(6):
-        out = model(**inputs, labels=labels)
-        torch.testing.assert_close(out.loss, out.ce_loss + 1e-3 * out.vid_loss)
-        history.append((out.ce_loss.item(), out.vid_loss.item()))
-        optimizer.zero_grad()
-        out.loss.backward()
-        if step == 0:
-            grads = {name: p.grad for name, p in model.named_parameters()}
-            for part in (
-                "etc.compression_tokens.weight",
-                "language_model.layers.0.self_attn.q_proj.lora_B",
-                "language_model.layers.1.mlp.down_proj.lora_B",
-                "etc.distill.decoder.context_proj.weight",
-                "etc.distill.decoder.position_embedding",
-                "etc.distill.variance_weight",
-            ):
-                name = next(name for name in grads if part in name)
-                assert grads[name] is not None and grads[name].abs().sum() > 0, name
-            frozen = [n for n in grads if ".visual." in n or ("language_model" in n and "lora_" not in n)]
-            assert frozen and all(grads[n] is None for n in frozen)
-        optimizer.step()
+    history, grads = train_etc_steps(model, inputs, labels, steps=6, lr=1e-2, vid_weight=1e-3)
+    for part in (
+        "etc.compression_tokens.weight",
+        "language_model.layers.0.self_attn.q_proj.lora_B",
+        "language_model.layers.1.mlp.down_proj.lora_B",
+        "etc.distill.decoder.context_proj.weight",
+        "etc.distill.decoder.position_embedding",
+        "etc.distill.variance_weight",
+    ):
+        name = next(name for name in grads if part in name)
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    frozen = [n for n in grads if ".visual." in n or ("language_model" in n and "lora_" not in n)]
+    assert frozen and all(grads[n] is None for n in frozen)
     (ce0, vid0), (ce1, vid1) = history[0], history[-1]
     assert ce1 < ce0 and vid1 < vid0, history
 

@@ -191,6 +191,20 @@ def greedy_forward_loop(model, inputs, steps):
     return input_ids, logits_per_step
 
 
+def assert_generate_matches_forward_loop(model, inputs: dict, steps: int, atol: float):
+    """Greedy `generate()` (with its cache) gives the tokens and logits of `greedy_forward_loop` (no cache). Returns
+    generate()'s output (its cache for further checks)."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        sequences, logits_per_step = greedy_forward_loop(model, inputs, steps)
+    for step, logits in enumerate(logits_per_step):
+        torch.testing.assert_close(out.logits[step], logits, atol=atol, rtol=0)
+    assert torch.equal(out.sequences, sequences)
+    return out
+
+
 def train_etc_steps(model, inputs: dict, labels, steps: int, lr: float, vid_weight: float):
     """Adam steps of an ETC model on one batch (the backbone tests' training check): each step's loss must be
     `ce + vid_weight * vid`. Returns `(history, grads)`: the `(ce, vid)` of every step and the first step's gradient

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import greedy_forward_loop, llava_batch
+from conftest import assert_generate_matches_forward_loop, llava_batch
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import DynamicCache
@@ -460,14 +460,7 @@ def test_left_padded_batch_equals_its_rows_alone(method):
 def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(method):
     model = apply_baseline(tiny_llava(), method, 4)
     inputs = make_batch(CHAT)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
-        )
-        sequences, logits_per_step = greedy_forward_loop(model, inputs, 5)
-    for step, logits in enumerate(logits_per_step):
-        torch.testing.assert_close(out.logits[step], logits, atol=1e-5, rtol=0)
-    assert torch.equal(out.sequences, sequences)
+    assert_generate_matches_forward_loop(model, inputs, 5, atol=1e-5)
 
 
 # ============================================================================ the demo's budgets

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE, VIDEO, qwen3_vl_batch, greedy_forward_loop, tiny_qwen3_vl
+from conftest import IMAGE, VIDEO, assert_generate_matches_forward_loop, qwen3_vl_batch, tiny_qwen3_vl
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     BaseModelOutputWithDeepstackFeatures,
     apply_rotary_pos_emb_vision,
@@ -320,13 +320,7 @@ def test_visionzip_without_cls_matches_a_reference():
 def test_generate_matches_a_forward_loop_when_the_compression_ignores_the_text(method):
     model = apply_baseline(tiny_qwen3_vl(), method, 4)
     inputs, _, _ = qwen3_vl_batch(MIXED)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)  # fmt: skip
-        sequences, logits = greedy_forward_loop(model, inputs, 4)
-    for step in range(4):
-        torch.testing.assert_close(out.logits[step], logits[step], atol=1e-5, rtol=0)
-    assert torch.equal(out.sequences, sequences)
+    assert_generate_matches_forward_loop(model, inputs, 4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

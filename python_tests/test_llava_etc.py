@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import greedy_forward_loop, llava_batch, logits_with_compression_states_held, train_etc_steps
+from conftest import assert_generate_matches_forward_loop, llava_batch, logits_with_compression_states_held, train_etc_steps
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -254,14 +254,7 @@ def test_prefill_works_under_eager_attention_and_flash_attention_is_refused():
 def test_generate_greedy_matches_a_masked_forward_loop():
     model = apply_etc(tiny_llava(), small_config())
     inputs, _ = make_batch(CHAT)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
-        )
-        sequences, logits_per_step = greedy_forward_loop(model, inputs, 8)
-    for step, logits in enumerate(logits_per_step):
-        torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=0)
-    assert torch.equal(out.sequences, sequences)
+    out = assert_generate_matches_forward_loop(model, inputs, 8, atol=1e-4)
     # The cache holds M (not N) entries for the image: prompt - N + M, plus the 7 tokens fed back.
     length = inputs["input_ids"].shape[1]
     assert all(layer.keys.shape[2] == length - N + 2 + 7 for layer in out.cache.layers)

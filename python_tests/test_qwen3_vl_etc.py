@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, IMAGE, KV_HEADS, VIDEO, tiny_qwen3_vl  # shared with the baseline tests
-from conftest import logits_with_compression_states_held, greedy_forward_loop, train_etc_steps
+from conftest import assert_generate_matches_forward_loop, logits_with_compression_states_held, train_etc_steps
 from conftest import qwen3_vl_batch as make_batch
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -199,15 +199,8 @@ def test_generate_matches_the_uncached_loop(case):
     model = apply_etc(tiny_qwen3_vl(), small_config())
     inputs, _, units = make_batch(rows)
     steps = 4
-    with torch.no_grad():
-        # generate() encodes the images first and passes mm_encoder_outputs and its own 3-D positions
-        out = model.generate(
-            **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
-        )
-        sequences, logits = greedy_forward_loop(model, inputs, steps)
-    for step in range(steps):
-        torch.testing.assert_close(out.logits[step], logits[step], atol=1e-4, rtol=0)
-    assert torch.equal(out.sequences, sequences)
+    # generate() encodes the images first and passes mm_encoder_outputs and its own 3-D positions
+    out = assert_generate_matches_forward_loop(model, inputs, steps, atol=1e-4)
     # The cache holds M (not N) entries per image: prompt - sum N_i + M * images, plus the tokens fed back.
     state = out.cache.etc_state
     torch.testing.assert_close(state.attention_mask.sum(-1), expected_cache_length(inputs, units))

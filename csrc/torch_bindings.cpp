@@ -37,10 +37,10 @@ namespace {
 // ---- cross_attn_scores(q [B, H, T, D], k [B, Hkv, N, D], q_mask [B, T], kv_mask [B, N],
 //                        q_pos [B, T])
 void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& k,
-                                         std::optional<double> scale,
-                                         const std::optional<at::Tensor>& q_mask,
-                                         const std::optional<at::Tensor>& kv_mask,
-                                         const std::optional<at::Tensor>& q_pos) {
+                                  std::optional<double> scale,
+                                  const std::optional<at::Tensor>& q_mask,
+                                  const std::optional<at::Tensor>& kv_mask,
+                                  const std::optional<at::Tensor>& q_pos) {
   constexpr const char* op = "cross_attn_scores";
   check_rank(q, 4, op, "q", "[B, H, T, D]");
   check_rank(k, 4, op, "k", "[B, Hkv, N, D]");
@@ -65,8 +65,8 @@ void check_cross_attn_scores_args(const at::Tensor& q, const at::Tensor& k,
 
 // ---- weighted_aggregate(x [B, N, C], logits [B, K, N], importance [B, N], mask bool [B, N])
 void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor& logits,
-                                          const std::optional<at::Tensor>& importance,
-                                          const std::optional<at::Tensor>& mask) {
+                                   const std::optional<at::Tensor>& importance,
+                                   const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "weighted_aggregate";
   check_rank(x, 3, op, "x", "[B, N, C]");
   check_rank(logits, 3, op, "logits", "[B, K, N]");
@@ -88,10 +88,13 @@ void check_weighted_aggregate_args(const at::Tensor& x, const at::Tensor& logits
   check_optional_2d(mask, batch, tokens, at::kBool, x, op, "mask", "[B, N]", "x");
 }
 
+// ---- write_compressed_kv's memory: it writes in place, and its kernels write and read in
+// parallel, so two written elements must never share memory, nor a written element and a read one
+// (checks.h's layout tests).
 void check_write_compressed_kv_memory(const at::Tensor& key_cache,
-                                             const at::Tensor& value_cache,
-                                             const at::Tensor& key, const at::Tensor& value,
-                                             const std::optional<at::Tensor>& weights) {
+                                      const at::Tensor& value_cache,
+                                      const at::Tensor& key, const at::Tensor& value,
+                                      const std::optional<at::Tensor>& weights) {
   constexpr const char* op = "write_compressed_kv";
   for (const auto& [cache, name] : {std::pair{&key_cache, "key_cache"},
                                     std::pair{&value_cache, "value_cache"}}) {
@@ -143,11 +146,11 @@ void check_write_compressed_kv_memory(const at::Tensor& key_cache,
 // Structure and memory: out-of-range slots and indices are data-dependent and checked by the
 // Python wrapper (the kernels skip them rather than write out of bounds).
 void check_write_compressed_kv_args(const at::Tensor& key_cache,
-                                           const at::Tensor& value_cache,
-                                           const at::Tensor& key, const at::Tensor& value,
-                                           const at::Tensor& slot_mapping,
-                                           const std::optional<at::Tensor>& weights,
-                                           const std::optional<at::Tensor>& index) {
+                                    const at::Tensor& value_cache,
+                                    const at::Tensor& key, const at::Tensor& value,
+                                    const at::Tensor& slot_mapping,
+                                    const std::optional<at::Tensor>& weights,
+                                    const std::optional<at::Tensor>& index) {
   constexpr const char* op = "write_compressed_kv";
   check_rank(key, 4, op, "key", "[B, Hkv, N, D]");
   check_rank(value, 4, op, "value", "[B, Hkv, N, D]");
@@ -213,10 +216,10 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 }
 
 void check_write_compressed_kv_layers_args(at::TensorList key_caches, at::TensorList value_caches,
-                                                  at::TensorList keys, at::TensorList values,
-                                                  const at::Tensor& slot_mapping,
-                                                  const std::optional<at::Tensor>& weights,
-                                                  const std::optional<at::Tensor>& index) {
+                                           at::TensorList keys, at::TensorList values,
+                                           const at::Tensor& slot_mapping,
+                                           const std::optional<at::Tensor>& weights,
+                                           const std::optional<at::Tensor>& index) {
   constexpr const char* op = "write_compressed_kv_layers";
   const size_t layers = keys.size();
   TORCH_CHECK_VALUE(layers > 0, op, ": keys must hold at least one layer, got an empty list");

@@ -48,7 +48,7 @@ def apply_baseline(model: nn.Module, method: str, num_tokens: int, **options) ->
     Args:
         model: a `LlavaForConditionalGeneration` or `Qwen3VLForConditionalGeneration` (or a subclass, or a
             `peft.PeftModel` around one).
-        method: a registered method (`METHODS`: "mean", "subsample", "fastv", "visionzip", "instruction_merge"; see
+        method: a registered method (`METHODS`: "mean", "subsample", "visionzip", "fastv", "instruction_merge"; see
             the package docstring).
         num_tokens: K, 1 <= K <= N (the model's visual tokens per image; on Qwen3-VL, per image or video temporal
             group, checked as each arrives).

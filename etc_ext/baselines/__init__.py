@@ -83,6 +83,7 @@ import pkgutil
 # file). METHODS lists them in `listing_order`.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+del _module
 from .api import apply_baseline, register_baseline_class, remove_baseline  # noqa: E402
 from .config import BaselineConfig, VisualGeometry  # noqa: E402
 from .fastv import FastVPruner  # noqa: E402

@@ -23,3 +23,4 @@ for _info in pkgutil.iter_modules(__path__):
     for _name in getattr(_module, "__all__", ()):
         globals()[_name] = getattr(_module, _name)
         __all__.append(_name)
+del _info, _module, _name

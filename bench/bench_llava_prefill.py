@@ -75,15 +75,9 @@ def main():
     model = build_model(args)
     num_visual = (args.image_size // args.patch_size) ** 2
     inputs = build_batch(args, num_visual)
-    length = inputs["input_ids"].shape[1]
     text = model.config.text_config
-    print(
-        f"tiny LLaVA: LLM {text.num_hidden_layers} layers x hidden {text.hidden_size}, N = {num_visual} visual "
-        f"tokens/image, batch {args.batch_size} (left padded, prompt length {length}), {args.device} {args.dtype}, "
-        f"{torch.get_num_threads()} threads, median and min of {args.repeats} interleaved runs"
-    )
-    compare_prefills(model, apply_etc, inputs, args.num_compression_tokens, args.repeats, args.device)
-
+    description = f"tiny LLaVA: LLM {text.num_hidden_layers} layers x hidden {text.hidden_size}"
+    compare_prefills(model, apply_etc, inputs, args, description, num_visual)
 
 
 if __name__ == "__main__":

@@ -109,15 +109,12 @@ def main():
 
     model = build_model(args)
     inputs, num_visual = build_batch(args, model)
-    length = inputs["input_ids"].shape[1]
     text = model.config.text_config
-    print(
+    description = (
         f"tiny Qwen3-VL: LLM {text.num_hidden_layers} layers x hidden {text.hidden_size} ({text.num_attention_heads} "
-        f"query heads on {text.num_key_value_heads} kv heads of {text.head_dim}), N = {num_visual} visual "
-        f"tokens/image, batch {args.batch_size} (left padded, prompt length {length}), {args.device} {args.dtype}, "
-        f"{torch.get_num_threads()} threads, median and min of {args.repeats} interleaved runs"
+        f"query heads on {text.num_key_value_heads} kv heads of {text.head_dim})"
     )
-    compare_prefills(model, apply_etc, inputs, args.num_compression_tokens, args.repeats, args.device)
+    compare_prefills(model, apply_etc, inputs, args, description, num_visual)
     # the first row's prompt: the vision start / end tokens count as text
     report_qwen3_vl_2b(args.text_before + 1, num_visual, args.text_after + 1, tuple(args.num_compression_tokens))
 

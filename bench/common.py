@@ -162,27 +162,33 @@ def parse_prefill_arguments(parser):
     return args
 
 
-def compare_prefills(model, apply_etc, inputs: dict, num_compression_tokens, repeats: int, device: str) -> None:
+def compare_prefills(model, apply_etc, inputs: dict, args, description: str, num_visual: int) -> None:
     """Times the uncompressed prefill of `inputs` against ETC's two-pass and masked one-pass prefills at each M (copies
     of `model` with `apply_etc`, untrained compression tokens: the timing does not depend on them) and prints a table
-    of times and cache sizes (the backbone benchmarks' shared body)."""
+    of times and cache sizes (the backbone benchmarks' shared body). `args`: `parse_prefill_arguments`' options and
+    the batch size; `description`: the model, for the header line."""
     from transformers.cache_utils import DynamicCache
 
     from etc_ext.config import ETCConfig
 
+    print(
+        f"{description}, N = {num_visual} visual tokens/image, batch {args.batch_size} (left padded, prompt length "
+        f"{inputs['input_ids'].shape[1]}), {args.device} {args.dtype}, {torch.get_num_threads()} threads, median and "
+        f"min of {args.repeats} interleaved runs"
+    )
     calls = {
         ("uncompressed", "-"): lambda: model(
             **inputs, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
         )
     }
-    for m in num_compression_tokens:
+    for m in args.num_compression_tokens:
         etc_model = apply_etc(copy.deepcopy(model), ETCConfig(num_compression_tokens=m, loss="none"))
         for method, name in (("segmented", "ETC two-pass"), ("masked", "ETC masked 1-pass")):
             calls[(name, m)] = lambda etc_model=etc_model, method=method: etc_model(
                 **inputs, use_cache=True, etc_prefill_method=method
             )
     with torch.inference_mode():
-        results = interleaved_medians(calls, repeats, device)
+        results = interleaved_medians(calls, args.repeats, args.device)
     full_bytes = cache_bytes(results[("uncompressed", "-")][2].cache)
 
     print(f"\n{'prefill':<20}{'M':>3}{'median [ms]':>13}{'min [ms]':>10}", end="")

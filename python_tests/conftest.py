@@ -191,6 +191,30 @@ def greedy_forward_loop(model, inputs, steps):
     return input_ids, logits_per_step
 
 
+def assert_disabled_and_removed_reproduce(model, inputs: dict, apply, remove, vision_tower, steps: int, check_applied):
+    """ETC (`apply(model)`, then `check_applied(model)`) changes `model`'s logits; disabled
+    (`model.etc.enabled = False`) it gives the original logits and greedy generation (`steps` tokens) exactly;
+    `remove(model)` gives the original class back, without `etc`, with the vision tower (`vision_tower(model)`)
+    trainable again and the original logits."""
+    original_class = type(model)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        reference_generation = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+        apply(model)
+        check_applied(model)
+        compressed = model(**inputs).logits
+        model.etc.enabled = False
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=steps, do_sample=False), reference_generation)
+        model.etc.enabled = True
+        remove(model)
+        assert type(model) is original_class and not hasattr(model, "etc")
+        assert all(p.requires_grad for p in vision_tower(model).parameters())
+        assert torch.equal(model(**inputs).logits, reference)
+    assert compressed.shape == reference.shape
+    assert not torch.allclose(compressed, reference, atol=1e-3)  # ETC does change the model
+
+
 def assert_generate_matches_forward_loop(model, inputs: dict, steps: int, atol: float):
     """Greedy `generate()` (with its cache) gives the tokens and logits of `greedy_forward_loop` (no cache). Returns
     generate()'s output (its cache for further checks)."""

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_generate_matches_forward_loop, llava_batch, logits_with_compression_states_held, train_etc_steps
+from conftest import assert_disabled_and_removed_reproduce, assert_generate_matches_forward_loop, llava_batch
+from conftest import logits_with_compression_states_held, train_etc_steps
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -153,24 +154,15 @@ def test_bottleneck_mask_rules(padding_side):
 
 # ============================================================================ disabled / removed
 def test_disabled_and_removed_reproduce_the_original_model():
-    model = tiny_llava()
-    original = copy.deepcopy(model)
     inputs, _ = make_batch(CHAT)
-    with torch.no_grad():
-        reference = original(**inputs).logits
-        reference_generation = original.generate(**inputs, max_new_tokens=4, do_sample=False)
-        apply_etc(model, small_config())
+
+    def check_applied(model):
         assert isinstance(model, ETCLlavaForConditionalGeneration)
-        compressed = model(**inputs).logits
-        model.etc.enabled = False
-        assert torch.equal(model(**inputs).logits, reference)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), reference_generation)
-        model.etc.enabled = True
-        remove_etc(model)
-        assert type(model) is LlavaForConditionalGeneration and not hasattr(model, "etc")
-        assert all(p.requires_grad for p in model.model.vision_tower.parameters())
-        assert torch.equal(model(**inputs).logits, reference)
-    assert not torch.allclose(compressed, reference, atol=1e-3)  # ETC does change the model
+
+    assert_disabled_and_removed_reproduce(
+        tiny_llava(), inputs, lambda model: apply_etc(model, small_config()), remove_etc,
+        lambda model: model.model.vision_tower, steps=4, check_applied=check_applied,
+    )  # fmt: skip
 
 
 # ============================================================================ prefill

@@ -406,12 +406,7 @@ def test_frozen_teacher_is_the_starting_model():
     model = apply_etc(tiny_llava(), small_config(teacher="frozen", vid_weight=1e-3))
     inputs, labels = make_batch(CHAT, answer=3)
     before = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
+    train_etc_steps(model, inputs, labels, steps=3, lr=1e-2, vid_weight=1e-3)
     after = instruction_target(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], labels)
     torch.testing.assert_close(after["target"], before["target"])  # the snapshot did not move
     model.etc.config.teacher = "self"
@@ -462,13 +457,8 @@ def test_lora_teacher_disables_adapters_and_adapters_round_trip(tmp_path):
 # ============================================================================ checkpoints
 def test_save_and_load_round_trip(tmp_path):
     model = apply_etc(tiny_llava(), small_config(vid_weight=1e-3))
-    model.train()
     inputs, labels = make_batch(CHAT, answer=3)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
+    train_etc_steps(model, inputs, labels, steps=2, lr=1e-2, vid_weight=1e-3)
     model.eval()
     save_pretrained(model, tmp_path)
     files = {p.name for p in tmp_path.iterdir()}

@@ -381,12 +381,7 @@ def test_frozen_teacher_under_full_fine_tuning_is_the_starting_model():
     model = apply_etc(tiny_qwen3_vl(), small_config(vid_weight=1e-3, freeze_vision_tower=False))
     inputs, labels, _ = make_batch(CHAT, answer=2)
     before = instruction_target(model, labels=labels, **inputs)["target"]
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
+    train_etc_steps(model, inputs, labels, steps=2, lr=1e-2, vid_weight=1e-3)
     assert model.model.visual.merger.linear_fc2.weight.grad.abs().sum() > 0  # the vision tower did train
     for got, want in zip(instruction_target(model, labels=labels, **inputs)["target"], before):
         torch.testing.assert_close(got, want)  # the snapshot did not move
@@ -400,13 +395,8 @@ def test_save_and_load_round_trip(tmp_path):
     import peft
 
     model = apply_etc_with_lora(tiny_qwen3_vl(), small_config(vid_weight=1e-3), default_lora_config(dropout=0.0))
-    model.train()
     inputs, labels, _ = make_batch(CHAT, answer=3)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(**inputs, labels=labels).loss.backward()
-        optimizer.step()
+    train_etc_steps(model, inputs, labels, steps=2, lr=1e-2, vid_weight=1e-3)
     model.eval()
     save_pretrained(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"etc_config.json", "etc_model.safetensors", "adapter"}

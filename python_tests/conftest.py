@@ -172,11 +172,11 @@ def qwen3_vl_batch(rows, seed=1, answer=0):
     return inputs, labels, units
 
 
-def greedy_forward_loop(model, inputs, steps):
-    """Greedy decoding by re-running the forward on the growing sequence (no cache): the oracle for generate() of
-    compressors whose forward over prompt + generated tokens gives what decoding does. Qwen3-VL inputs (with
-    `mm_token_type_ids`) get the token types of the grown sequence. Returns the sequences and each step's
-    last-position logits."""
+def uncached_decoding_loop(model, inputs, steps, sample=False):
+    """Greedy decoding (or, with `sample`, sampling from the softmax with torch's global generator) by re-running the
+    forward on the growing sequence (no cache): the oracle for generate() of compressors whose forward over prompt +
+    generated tokens gives what decoding does. Qwen3-VL inputs (with `mm_token_type_ids`) get the token types of the
+    grown sequence. Returns the sequences and each step's last-position logits."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     logits_per_step = []
@@ -185,7 +185,10 @@ def greedy_forward_loop(model, inputs, steps):
             rest["mm_token_type_ids"] = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **rest).logits[:, -1]
         logits_per_step.append(logits)
-        next_token = logits.argmax(-1, keepdim=True)
+        if sample:
+            next_token = torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)
+        else:
+            next_token = logits.argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
     return input_ids, logits_per_step
@@ -216,13 +219,13 @@ def assert_disabled_and_removed_reproduce(model, inputs: dict, apply, remove, vi
 
 
 def assert_generate_matches_forward_loop(model, inputs: dict, steps: int, atol: float):
-    """Greedy `generate()` (with its cache) gives the tokens and logits of `greedy_forward_loop` (no cache). Returns
+    """Greedy `generate()` (with its cache) gives the tokens and logits of `uncached_decoding_loop` (no cache). Returns
     generate()'s output (its cache for further checks)."""
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
-        sequences, logits_per_step = greedy_forward_loop(model, inputs, steps)
+        sequences, logits_per_step = uncached_decoding_loop(model, inputs, steps)
     for step, logits in enumerate(logits_per_step):
         torch.testing.assert_close(out.logits[step], logits, atol=atol, rtol=0)
     assert torch.equal(out.sequences, sequences)

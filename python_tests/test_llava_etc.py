@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import assert_disabled_and_removed_reproduce, assert_generate_matches_forward_loop, llava_batch
-from conftest import logits_with_compression_states_held, train_etc_steps
+from conftest import logits_with_compression_states_held, train_etc_steps, uncached_decoding_loop
 from conftest import tiny_llava as shared_tiny_llava
 from transformers import LlavaForConditionalGeneration
 
@@ -259,14 +259,8 @@ def test_generate_sampling_matches_a_sampling_loop():
         torch.manual_seed(123)
         sequences = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=None, top_p=None)
         torch.manual_seed(123)
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(6):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"])
-            probs = torch.softmax(logits.logits[:, -1].float(), dim=-1)
-            next_token = torch.multinomial(probs, num_samples=1)
-            input_ids = torch.cat([input_ids, next_token], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-    assert torch.equal(sequences, input_ids)
+        expected, _ = uncached_decoding_loop(model, inputs, 6, sample=True)
+    assert torch.equal(sequences, expected)
 
 
 def test_processor_outputs_go_in_unchanged():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, IMAGE, KV_HEADS, VIDEO, tiny_qwen3_vl  # shared with the baseline tests
 from conftest import assert_disabled_and_removed_reproduce, assert_generate_matches_forward_loop
-from conftest import logits_with_compression_states_held, train_etc_steps
+from conftest import logits_with_compression_states_held, train_etc_steps, uncached_decoding_loop
 from conftest import qwen3_vl_batch as make_batch
 
 import etc_ext  # noqa: F401  (loads the ops)
@@ -200,21 +200,12 @@ def test_generate_matches_the_uncached_loop(case):
 def test_generate_sampling_matches_a_sampling_loop():
     model = apply_etc(tiny_qwen3_vl(), small_config())
     inputs, _, _ = make_batch(TWO_IMAGES)
-    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     with torch.no_grad():
         torch.manual_seed(123)
         sequences = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=None, top_p=None)
         torch.manual_seed(123)
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        for _ in range(4):
-            mm_token_type_ids = (input_ids == IMAGE).long()
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **pixels
-            ).logits[:, -1]
-            next_token = torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)
-            input_ids = torch.cat([input_ids, next_token], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
-    assert torch.equal(sequences, input_ids)
+        expected, _ = uncached_decoding_loop(model, inputs, 4, sample=True)
+    assert torch.equal(sequences, expected)
 
 
 # ============================================================================ DeepStack

@@ -225,14 +225,18 @@ def test_patch_targets_follow_the_cells():
 
     scene = Scene(3, 168, (ShapeObject(0, 2, "cross", "orange", (0.0, 0.0), 1.0),
                            ShapeObject(2, 0, "square", "red", (0.0, 0.0), 1.0)))  # fmt: skip
-    color, shape = patch_targets(scene, 12)
-    color, shape = color.reshape(12, 12), shape.reshape(12, 12)
+    color, shape, cell = patch_targets(scene, 12)
+    color, shape, cell = color.reshape(12, 12), shape.reshape(12, 12), cell.reshape(12, 12)
     assert (color[:4, 8:] == COLOR_CLASSES.index("orange")).all() and (shape[:4, 8:] == SHAPE_CLASSES.index("cross")).all()
     assert (color[8:, :4] == COLOR_CLASSES.index("red")).all() and (shape[8:, :4] == SHAPE_CLASSES.index("square")).all()
     assert int((color > 0).sum()) == 32 and int((shape > 0).sum()) == 32  # two cells of 4 x 4 patches
+    # every patch, empty or not, names its cell row-major: 4 x 4 patches per cell
+    expected_cell = (torch.arange(12) // 4)[:, None] * 3 + (torch.arange(12) // 4)[None, :]
+    assert torch.equal(cell, expected_cell) and cell[0, 8] == 2 and cell[8, 0] == 6
     # 7 patches per side over a 3x3 grid: the middle patch row belongs to the middle cell
-    color, _ = patch_targets(Scene(3, 168, (ShapeObject(1, 1, "circle", "blue", (0.0, 0.0), 1.0),)), 7)
+    color, _, cell = patch_targets(Scene(3, 168, (ShapeObject(1, 1, "circle", "blue", (0.0, 0.0), 1.0),)), 7)
     assert color.reshape(7, 7)[3, 3] == COLOR_CLASSES.index("blue") and color.reshape(7, 7)[0, 0] == 0
+    assert cell.reshape(7, 7)[3, 3] == 4 and cell.reshape(7, 7)[6, 6] == 8
 
 
 def test_vision_pretraining_learns_the_maps_and_only_touches_the_tower():
@@ -252,6 +256,18 @@ def test_vision_pretraining_learns_the_maps_and_only_touches_the_tower():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("model.vision_tower.") for k in changed), sorted(changed)[:5]
+    assert "cell" not in result["val"]
+
+
+def test_vision_pretraining_with_cell_targets_learns_where_each_patch_lies():
+    from etc_ext.demo.vision_pretrain import pretrain_vision_tower
+
+    model, processor = recipe.build_initial_model()
+    result = pretrain_vision_tower(model, processor.image_processor, steps=30, batch_size=8, cell_targets=True,
+                                   log_every=10, log=lambda _: None)  # fmt: skip
+    # 9 cells of 16 patches each: a constant guess is right on 1/9 of the patches; 30 steps already do twice that
+    assert result["val"]["cell"] > 0.2 and 0.0 <= result["val"]["cell_on_objects"] <= 1.0
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
 
 
 def test_reproduce_pretrains_the_vision_tower_when_the_recipe_says_so(tmp_path, monkeypatch):

@@ -131,8 +131,8 @@ ARTICLES = False
 # whose questions share no color or cell, as the demo's follow-up test asks them).
 GROUPING = "cells"
 # Supervised pretraining of the vision tower on per-cell color and shape maps before the VLM stage
-# (`etc_ext.demo.vision_pretrain.pretrain_vision_tower` arguments), or None (the shipped checkpoints: the tower trains
-# from random weights inside the VLM).
+# (`etc_ext.demo.vision_pretrain.pretrain_vision_tower` arguments, e.g. `{"steps": 4000, "cell_targets": True}`), or
+# None (the shipped checkpoints: the tower trains from random weights inside the VLM).
 VISION_PRETRAINING = None
 
 MODEL_SEED = 0

@@ -5,7 +5,9 @@ the first demo's full model never learned where an object is, nor to count (`etc
 supervised objective teaches the tower the scene first: every patch predicts the color and the shape of the object in
 its grid cell (or "none") from the features LLaVA reads (`vision_feature_layer`, the second to last layer), through
 one linear head per attribute. Each patch then carries what its cell holds, and the 2-D position embeddings carry
-where the cell is; the VLM stage (and ETC's compression tokens) only has to read them.
+where the cell is; the VLM stage (and ETC's compression tokens) only has to read them. With `cell_targets`, a third
+head reads the index of the patch's cell, so that the cell is written in the feature too (the demo's color and where
+questions name or answer a cell).
 
 Data: scenes drawn on the fly (`etc_ext.data.shapes.sample_scene`, train split only by `scene_split`), preprocessed by
 the model's own image processor; nothing is written to disk. Deterministic given the seed.
@@ -38,9 +40,10 @@ COLOR_CLASSES = ("none", *COLORS)  # index 0: an empty cell
 SHAPE_CLASSES = ("none", *SHAPES)
 
 
-def patch_targets(scene, patches_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(color, shape)` class indices `(patches_per_side ** 2,)` of every patch, row-major: the object of the grid
-    cell that holds the patch's center (`COLOR_CLASSES` / `SHAPE_CLASSES`, 0 for an empty cell)."""
+def patch_targets(scene, patches_per_side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(color, shape, cell)` class indices `(patches_per_side ** 2,)` of every patch, row-major: the object of the
+    grid cell that holds the patch's center (`COLOR_CLASSES` / `SHAPE_CLASSES`, 0 for an empty cell) and that cell's
+    row-major index."""
     color = torch.zeros(scene.grid_size, scene.grid_size, dtype=torch.long)
     shape = torch.zeros(scene.grid_size, scene.grid_size, dtype=torch.long)
     for obj in scene.objects:
@@ -49,7 +52,7 @@ def patch_targets(scene, patches_per_side: int) -> tuple[torch.Tensor, torch.Ten
     centers = (torch.arange(patches_per_side) + 0.5) / patches_per_side  # patch centers in [0, 1]
     cell = (centers * scene.grid_size).long().clamp(max=scene.grid_size - 1)
     rows, cols = cell[:, None].expand(-1, patches_per_side), cell[None, :].expand(patches_per_side, -1)
-    return color[rows, cols].reshape(-1), shape[rows, cols].reshape(-1)
+    return color[rows, cols].reshape(-1), shape[rows, cols].reshape(-1), (rows * scene.grid_size + cols).reshape(-1)
 
 
 class SceneBatches:
@@ -80,23 +83,26 @@ class SceneBatches:
             if scene_split(scene) == self.split:
                 return scene
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(pixel_values, color, shape, cell)`, the targets `(size, patches)` as `patch_targets`."""
         scenes = [self.scene() for _ in range(size)]
         pixels = self.image_processor(images=[draw_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
         targets = [patch_targets(s, self.patches_per_side) for s in scenes]
-        return pixels, torch.stack([c for c, _ in targets]), torch.stack([s for _, s in targets])
+        return (pixels, *(torch.stack(column) for column in zip(*targets)))
 
 
 class CellHeads(nn.Module):
-    """Linear color and shape classifiers on every patch feature `(B, P, D)` -> `(B, P, classes)` each."""
+    """Linear classifiers on every patch feature `(B, P, D)`: color and shape `(B, P, classes)`, and, with
+    `num_cells`, the patch's grid cell `(B, P, num_cells)` (None without)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, num_cells: int | None = None):
         super().__init__()
         self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
         self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES))
+        self.cell = nn.Linear(hidden_size, num_cells) if num_cells else None
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.color(features), self.shape(features)
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.color(features), self.shape(features), None if self.cell is None else self.cell(features)
 
 
 def patch_features(vision_tower, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
@@ -112,24 +118,27 @@ def map_accuracy(vision_tower, heads: CellHeads, batches: SceneBatches, feature_
     patches)."""
     was_training = vision_tower.training
     vision_tower.eval()
-    totals = {"color": 0, "shape": 0, "color_objects": 0, "shape_objects": 0, "patches": 0, "object_patches": 0}
+    totals = {"color": 0, "shape": 0, "cell": 0, "color_objects": 0, "shape_objects": 0, "cell_objects": 0,
+              "patches": 0, "object_patches": 0}  # fmt: skip
     for start in range(0, num_images, batch_size):
-        pixels, color, shape = batches.batch(min(batch_size, num_images - start))
-        color_logits, shape_logits = heads(patch_features(vision_tower, pixels, feature_layer))
+        pixels, color, shape, cell = batches.batch(min(batch_size, num_images - start))
+        color_logits, shape_logits, cell_logits = heads(patch_features(vision_tower, pixels, feature_layer))
         objects = color > 0
-        for name, logits, target in (("color", color_logits, color), ("shape", shape_logits, shape)):
+        maps = [("color", color_logits, color), ("shape", shape_logits, shape)]
+        if cell_logits is not None:
+            maps.append(("cell", cell_logits, cell))
+        for name, logits, target in maps:
             hit = logits.argmax(-1) == target
             totals[name] += int(hit.sum())
             totals[f"{name}_objects"] += int(hit[objects].sum())
         totals["patches"] += color.numel()
         totals["object_patches"] += int(objects.sum())
     vision_tower.train(was_training)
-    return {
-        "color": totals["color"] / totals["patches"],
-        "shape": totals["shape"] / totals["patches"],
-        "color_on_objects": totals["color_objects"] / max(totals["object_patches"], 1),
-        "shape_on_objects": totals["shape_objects"] / max(totals["object_patches"], 1),
-    }
+    accuracy = {}
+    for name in ("color", "shape") + (("cell",) if heads.cell is not None else ()):
+        accuracy[name] = totals[name] / totals["patches"]
+        accuracy[f"{name}_on_objects"] = totals[f"{name}_objects"] / max(totals["object_patches"], 1)
+    return accuracy
 
 
 def pretrain_vision_tower(
@@ -144,11 +153,14 @@ def pretrain_vision_tower(
     grid_sizes=(3,),
     min_objects: int = 1,
     max_objects: int = 2,
+    cell_targets: bool = False,
     log_every: int = 50,
     log=print,
 ) -> dict:
     """Trains `model`'s vision tower (a `LlavaForConditionalGeneration`) in place on the per-cell maps (see the module
-    docstring): AdamW, linear warmup then cosine decay to 0. Returns `{"history": [...], "val": map_accuracy}`."""
+    docstring): AdamW, linear warmup then cosine decay to 0. `cell_targets`: every patch also predicts the index of
+    its grid cell, so that where a patch lies is written in its feature, not only mixed in by the position
+    embeddings. Returns `{"history": [...], "val": map_accuracy}`."""
     config = model.config
     vision_tower = model.model.vision_tower
     feature_layer = config.vision_feature_layer
@@ -161,7 +173,7 @@ def pretrain_vision_tower(
                        config.vision_config.image_size)  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        heads = CellHeads(config.vision_config.hidden_size)
+        heads = CellHeads(config.vision_config.hidden_size, max(grid_sizes) ** 2 if cell_targets else None)
     parameters = [p for p in vision_tower.parameters()] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
 
@@ -177,11 +189,13 @@ def pretrain_vision_tower(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        pixels, color, shape = train.batch(batch_size)
-        color_logits, shape_logits = heads(patch_features(vision_tower, pixels, feature_layer))
+        pixels, color, shape, cell = train.batch(batch_size)
+        color_logits, shape_logits, cell_logits = heads(patch_features(vision_tower, pixels, feature_layer))
         loss = nn.functional.cross_entropy(color_logits.flatten(0, 1), color.flatten()) + nn.functional.cross_entropy(
             shape_logits.flatten(0, 1), shape.flatten()
         )
+        if cell_logits is not None:
+            loss = loss + nn.functional.cross_entropy(cell_logits.flatten(0, 1), cell.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -207,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-objects", type=int, default=1)
     parser.add_argument("--max-objects", type=int, default=2)
+    parser.add_argument("--cell-targets", action="store_true", help="every patch also predicts its grid cell")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(args.model)
     result = pretrain_vision_tower(model, processor.image_processor, steps=args.steps, batch_size=args.batch_size,
                                    learning_rate=args.lr, seed=args.seed, min_objects=args.min_objects,
-                                   max_objects=args.max_objects)  # fmt: skip
+                                   max_objects=args.max_objects, cell_targets=args.cell_targets)  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)

@@ -91,8 +91,8 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      color 75.0, count 50.4, yes/no 53.7, where 22.1 %). Val conv (200 images): `full-base` 63.2 % single, 32.0 %
      follow-up (58.5 % for the same questions alone: the "cells" conversations never taught a count, yes/no or
      where question after another one); training-free K=1 single / follow-up: mean pooling 30.0 / 20.0 %,
-     VisionZip-style merge 32.0 / 22.0 %, FastV-style top-K 56.8 / 27.5 % (the 8-layer model runs 2 layers on all
-     144 tokens, so FastV keeps more than in the 4-layer shipped model).
+     VisionZip-style merge 32.0 / 22.0 %, FastV-style top-K 56.8 / 27.5 % (it still runs the first 2 of the 8
+     layers on all 144 tokens).
   8. The tower also told where each patch lies (`VISION_PRETRAINING = {"steps": 4000, "cell_targets": True}`, 16
      min shared: val maps color 100 %, shape 99.99 %, cell 100 %), then step 7's `full-base` on step 7's data (52
      min on two threads): 70.8 % on the 400 validation questions (color 77.0, count 72.2, yes/no 71.3, where 59.7 %;

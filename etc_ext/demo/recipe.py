@@ -114,8 +114,11 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      is the hardest type and still falling at the end (training loss 0.35-0.37 over the last 500 steps, 0.17 in
      step 7 on the memorized configurations). ETC M=1 VID from it (`ETC_TRAINING`: 800 steps on `ETC_BLOCKS`' 1-2
      object scenes, 10 min on two threads): 56.3 % (76 % of its base; step 7's: 52.0 %, 71 %), color 70.0, count
-     34.8, yes/no 73.1, where 46.8 % (step 7's: 22.1 %). Next: this data for longer (5200 steps and more), then the
-     fine-tunes on the same 1-4 object scenes.
+     34.8, yes/no 73.1, where 46.8 % (step 7's: 22.1 %). Val conv (200 images), single / follow-up: `full-base`
+     64.2 / 30.0 %, ETC M=1 VID 56.0 / 23.0 % (87 % of its base on single questions); training-free K=1: FastV-style
+     top-K 50.7 / 32.5 %, VisionZip-style merge 33.0 / 25.0 %, mean pooling 32.2 / 23.5 %. Follow-ups stay low for
+     every row: the "cells" conversations. Next: this data for longer (5200 steps and more) with `GROUPING =
+     "disjoint"`, then the fine-tunes on the same 1-4 object scenes.
 """
 
 from __future__ import annotations

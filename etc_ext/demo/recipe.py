@@ -117,7 +117,7 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      34.8, yes/no 73.1, where 46.8 % (step 7's: 22.1 %). Val conv (200 images), single / follow-up: `full-base`
      64.2 / 30.0 %, ETC M=1 VID 56.0 / 23.0 % (87 % of its base on single questions); training-free K=1: FastV-style
      top-K 50.7 / 32.5 %, VisionZip-style merge 33.0 / 25.0 %, mean pooling 32.2 / 23.5 %. Follow-ups stay low for
-     every row: the "cells" conversations. Next: this data for longer (5200 steps and more) with `GROUPING =
+     every row, likely from the "cells" conversations. Next: this data for longer (5200 steps and more) with `GROUPING =
      "disjoint"`, then the fine-tunes on the same 1-4 object scenes.
 """
 

@@ -120,9 +120,9 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      every row, likely from the "cells" conversations. Next: this data for longer (5200 steps and more) with `GROUPING =
      "disjoint"`, then the fine-tunes on the same 1-4 object scenes.
   10. A longer ETC fine-tune: ETC M=1 VID from step 7's base for 2400 steps on `MORE_BLOCKS`' 46,253 samples (else
-     `ETC_TRAINING`; stopped and resumed twice, 47 min of step time, partly shared): 63.5 % on the 400 validation questions,
-     86 % of its base (800 steps: 52.0 %, 71 %); color 73.0, count 67.8, yes/no 78.7, where 23.4 %. Three times the
-     fine-tune gains 11.5 points (+-7): the shipped 800-step fine-tunes are too short.
+     `ETC_TRAINING`; stopped and resumed twice, 47 min of step time, partly shared): 63.5 % on the 400 validation
+     questions, 86 % of its base (800 steps: 52.0 %, 71 %); color 73.0, count 67.8, yes/no 78.7, where 23.4 %. Three
+     times the fine-tune gains 11.5 points (+-7): the shipped 800-step fine-tunes are too short.
 """
 
 from __future__ import annotations

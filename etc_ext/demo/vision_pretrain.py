@@ -36,6 +36,7 @@ from torch import nn
 
 from ..data.shapes import COLORS, SHAPES, draw_scene, sample_scene, scene_split
 
+MAPS = ("color", "shape", "cell")  # what `patch_targets` returns per patch, in that order
 COLOR_CLASSES = ("none", *COLORS)  # index 0: an empty cell
 SHAPE_CLASSES = ("none", *SHAPES)
 
@@ -83,26 +84,28 @@ class SceneBatches:
             if scene_split(scene) == self.split:
                 return scene
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(pixel_values, color, shape, cell)`, the targets `(size, patches)` as `patch_targets`."""
+    def batch(self, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`(pixel_values, {map: targets (size, patches)})`, the maps of `MAPS` as `patch_targets` gives them."""
         scenes = [self.scene() for _ in range(size)]
         pixels = self.image_processor(images=[draw_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
         targets = [patch_targets(s, self.patches_per_side) for s in scenes]
-        return (pixels, *(torch.stack(column) for column in zip(*targets)))
+        return pixels, {name: torch.stack(column) for name, column in zip(MAPS, zip(*targets))}
 
 
 class CellHeads(nn.Module):
-    """Linear classifiers on every patch feature `(B, P, D)`: color and shape `(B, P, classes)`, and, with
-    `num_cells`, the patch's grid cell `(B, P, num_cells)` (None without)."""
+    """Linear classifiers on every patch feature `(B, P, D)` -> `{map: (B, P, classes)}`: color and shape, and, with
+    `num_cells`, the patch's grid cell. Only the maps it has are trained and measured."""
 
     def __init__(self, hidden_size: int, num_cells: int | None = None):
         super().__init__()
-        self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
-        self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES))
-        self.cell = nn.Linear(hidden_size, num_cells) if num_cells else None
+        self.maps = nn.ModuleDict(
+            {"color": nn.Linear(hidden_size, len(COLOR_CLASSES)), "shape": nn.Linear(hidden_size, len(SHAPE_CLASSES))}
+        )
+        if num_cells:
+            self.maps["cell"] = nn.Linear(hidden_size, num_cells)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.color(features), self.shape(features), None if self.cell is None else self.cell(features)
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(features) for name, head in self.maps.items()}
 
 
 def patch_features(vision_tower, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
@@ -114,28 +117,23 @@ def patch_features(vision_tower, pixel_values: torch.Tensor, feature_layer: int)
 @torch.no_grad()
 def map_accuracy(vision_tower, heads: CellHeads, batches: SceneBatches, feature_layer: int, num_images: int = 256,
                  batch_size: int = 64) -> dict:  # fmt: skip
-    """Per-patch accuracy of the color and shape maps on `num_images` scenes of `batches` (object patches and all
+    """Per-patch accuracy of each map of `heads` on `num_images` scenes of `batches` (object patches and all
     patches)."""
     was_training = vision_tower.training
     vision_tower.eval()
-    totals = {"color": 0, "shape": 0, "cell": 0, "color_objects": 0, "shape_objects": 0, "cell_objects": 0,
-              "patches": 0, "object_patches": 0}  # fmt: skip
+    totals = dict.fromkeys([*heads.maps, *(f"{name}_objects" for name in heads.maps), "patches", "object_patches"], 0)
     for start in range(0, num_images, batch_size):
-        pixels, color, shape, cell = batches.batch(min(batch_size, num_images - start))
-        color_logits, shape_logits, cell_logits = heads(patch_features(vision_tower, pixels, feature_layer))
-        objects = color > 0
-        maps = [("color", color_logits, color), ("shape", shape_logits, shape)]
-        if cell_logits is not None:
-            maps.append(("cell", cell_logits, cell))
-        for name, logits, target in maps:
-            hit = logits.argmax(-1) == target
+        pixels, targets = batches.batch(min(batch_size, num_images - start))
+        objects = targets["color"] > 0
+        for name, logits in heads(patch_features(vision_tower, pixels, feature_layer)).items():
+            hit = logits.argmax(-1) == targets[name]
             totals[name] += int(hit.sum())
             totals[f"{name}_objects"] += int(hit[objects].sum())
-        totals["patches"] += color.numel()
+        totals["patches"] += objects.numel()
         totals["object_patches"] += int(objects.sum())
     vision_tower.train(was_training)
     accuracy = {}
-    for name in ("color", "shape") + (("cell",) if heads.cell is not None else ()):
+    for name in heads.maps:
         accuracy[name] = totals[name] / totals["patches"]
         accuracy[f"{name}_on_objects"] = totals[f"{name}_objects"] / max(totals["object_patches"], 1)
     return accuracy
@@ -189,13 +187,9 @@ def pretrain_vision_tower(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        pixels, color, shape, cell = train.batch(batch_size)
-        color_logits, shape_logits, cell_logits = heads(patch_features(vision_tower, pixels, feature_layer))
-        loss = nn.functional.cross_entropy(color_logits.flatten(0, 1), color.flatten()) + nn.functional.cross_entropy(
-            shape_logits.flatten(0, 1), shape.flatten()
-        )
-        if cell_logits is not None:
-            loss = loss + nn.functional.cross_entropy(cell_logits.flatten(0, 1), cell.flatten())
+        pixels, targets = train.batch(batch_size)
+        logits = heads(patch_features(vision_tower, pixels, feature_layer))
+        loss = sum(nn.functional.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten()) for name in logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -3,7 +3,7 @@ etc_ext.demo.followup), English articles in the shapes questions, and the demo's
 
 import json
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 import torch
@@ -217,6 +217,27 @@ def test_disjoint_training_conversations(tmp_path):
     assert all(len(s["question_types"]) == 1 or set(s["question_types"]) == {"color"} for s in grouped_by_cell)
     with pytest.raises(ValueError, match="grouping"):
         generate_training_data(tmp_path, ((2, 1, 1),), grouping="turns")
+
+
+def test_disjoint_training_conversations_balance_answers_at_every_turn(tmp_path):
+    # Placed wherever they fit, the questions about an absent color (answers "no", "zero") gathered in later turns and
+    # the first turns were mostly "yes": a model trained on them answered "yes" to every single question.
+    from etc_ext.demo.data import generate_training_data
+
+    path = generate_training_data(tmp_path, ((300, 1, 4),), name="mix", question_types=recipe.QUESTION_TYPES,
+                                  grouping="disjoint")  # fmt: skip
+    with open(path) as f:
+        samples = json.load(f)
+    answers = defaultdict(Counter)
+    for s in samples:
+        for turn, question_type in enumerate(s["question_types"]):
+            answers[(question_type, turn)][s["conversations"][2 * turn + 1]["value"]] += 1
+    assert sum(answers[("exists_color", 1)].values()) >= 20  # the follow-up turns are trained too
+    for turn in (0, 1):
+        yes_no = answers[("exists_color", turn)]
+        assert abs(yes_no["yes"] - yes_no["no"]) <= 3, (turn, yes_no)
+        counts = [answers[("count_color", turn)][answer] for answer in ("zero", "one", "two")]
+        assert max(counts) - min(counts) <= 3, (turn, counts)
 
 
 # ------------------------------------------------------------------------------------------------ vision pretraining

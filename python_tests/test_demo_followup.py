@@ -102,6 +102,9 @@ def test_eval_conversations_are_leak_free_balanced_and_deterministic(eval_data, 
             mentioned_cells |= cells
     # balanced answers: a constant answer per type scores well under half
     assert answer_prior(singles) < 0.5
+    # and as balanced at every turn: picked in order, the follow-ups were mostly "no" and "zero" (prior 57 % here)
+    priors = [answer_prior([r for r in singles if r["turn"] == turn]) for turn in range(kwargs["questions_per_image"])]
+    assert max(priors) < 0.5 and max(priors) - min(priors) < 0.1, priors
     again = generate_eval_conversations(tmp_path, 60, **kwargs)
     with open(again) as f:
         assert json.load(f) == singles

@@ -224,10 +224,11 @@ def generate_eval_conversations(
 ) -> str:
     """Held-out questions asked two ways: alone, and as one conversation per image (the follow-up test of the demo).
 
-    Each image (distinct scenes of `split` only) gets `questions_per_image` questions of distinct types, in random
-    order, answers balanced per type as in `generate_shapes_dataset`, and chosen so that no question of the
-    conversation gives another away: their colors and cells (`question_mentions`) are pairwise disjoint (after "What
-    color is the shape in row 1, column a? red", no question about red or about a1 follows).
+    Each image (distinct scenes of `split` only) gets `questions_per_image` questions of distinct types, answers
+    balanced per type as in `generate_shapes_dataset`, and chosen so that no question of the conversation gives
+    another away: their colors and cells (`question_mentions`) are pairwise disjoint (after "What color is the shape
+    in row 1, column a? red", no question about red or about a1 follows). They are asked in an order drawn after they
+    are chosen, so that every turn has the same mix of answers.
 
     Writes under `out_dir`:
         `<split>.json`: one single-turn sample per question (`conversation`: the image's index, `turn`: the
@@ -277,6 +278,10 @@ def generate_eval_conversations(
                 break
         if len(questions) < questions_per_image:
             continue
+        # The order is drawn after the questions: picked in turn, the later ones must avoid the earlier ones' colors
+        # and cells and are mostly about absent colors ("no", "zero"), so asked in the order picked the follow-ups'
+        # answers were skewed and a model could score on them from the turn alone.
+        rng.shuffle(questions)
         answer_counts = counts
         seen.add(scene.key())
         index = len(scenes)

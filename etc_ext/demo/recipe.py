@@ -36,7 +36,7 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
 - Follow-up questions (the demo's follow-up column): the shipped models were trained on conversations in which only
   color questions follow another question (`GROUPING = "cells"`), and after a first count, yes/no or where question
   they often answer with a color. Measured on the test split by the demo (1000 single questions, 500 follow-ups):
-  full model 65.6 % -> 51.0 %, ETC M=1 VID 47.8 % -> 29.0 % on the same questions alone -> as follow-ups; the
+  full model 62.0 % -> 47.8 %, ETC M=1 VID 50.0 % -> 25.8 % on the same questions alone -> as follow-ups; the
   follow-up answers are those of a fresh generate() of the whole conversation (python_tests/test_demo_followup.py).
 - Experiments toward the next recipe (issue 20; nothing shipped from them; outputs under /work/demo_runs/exp1, one
   CPU thread on the shared 2-core machine). Measured on the validation split only: `val` = the 200 questions of

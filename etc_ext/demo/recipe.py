@@ -136,6 +136,12 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      same grouping; their yes/no answers, 66-72 %, likely paid for it too.) `disjoint_groups` now places each
      question where its answer is the rarest of its type at that turn: every turn balanced (2,000 images of 1-4
      objects: first turns 691 "yes" / 692 "no", second 281 / 281; 31 % of the samples have two or three turns).
+     The evaluation conversations had the same flaw the other way (`generate_eval_conversations` asked its questions
+     in the order picked, and later picks must avoid the earlier ones' colors and cells: on 200 validation images
+     the follow-ups' yes/no answers were 16 "yes" / 35 "no" and 37 of their 66 counts "zero"); their order is now
+     drawn after they are chosen. So every "val conv" follow-up number of steps 2-10 was measured on follow-ups
+     skewed to "no" and "zero", and those of steps 2, 3 and 6 with models trained on the same skew: a turn prior
+     scored on them (step 3's "no drop" on follow-ups included).
 """
 
 from __future__ import annotations

@@ -149,9 +149,9 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      where 56.1 %), with "yes" and "no" both answered (32 / 32 asked, 42 / 22 given). Step 9 on the "cells"
      conversations (every yes/no, count and where question alone) got 74.5 % (yes/no 81.5, where 84.4 %) in 2600
      steps. This model finds a cell's color but hardly a color's cell, or whether a color is there at all. What
-     differs from step 9: the grouping (here most where, yes/no and count questions also come alone, but 15-31 % of
-     them follow another question), twice the images, 1.6 times the steps; which of them costs 13 points is not
-     measured (next: step 9's "cells" data with a share of balanced disjoint conversations added).
+     differs from step 9: the grouping (27-28 % of the where and yes/no questions and 8 % of the counts follow
+     another question; in step 9 none did), twice the images, 1.6 times the steps; which of them costs 13 points is
+     not measured (next: step 9's "cells" data with a share of balanced disjoint conversations added).
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_disjoint_training_conversations(tmp_path):
 
 def test_disjoint_training_conversations_balance_answers_at_every_turn(tmp_path):
     # Placed wherever they fit, the questions about an absent color (answers "no", "zero") gathered in later turns and
-    # the first turns were mostly "yes": a model trained on them answered "yes" to every single question.
+    # the first turns were mostly "yes": a model trained on them answered "yes" to every yes/no question asked alone.
     from etc_ext.demo.data import generate_training_data
 
     path = generate_training_data(tmp_path, ((300, 1, 4),), name="mix", question_types=recipe.QUESTION_TYPES,

@@ -82,8 +82,8 @@ def disjoint_groups(
     of a dataset): a new conversation (turn 0) or the end of one it fits; ties are broken at random. Why: placed
     wherever they fit, the questions whose color is absent ("Is there a red shape?" no, "How many red shapes?" zero)
     fit after any other question and gathered in later turns, while those about an object clash with the other
-    questions about it and opened conversations; a model trained that way answered "yes" to every first question
-    (measured: `etc_ext.demo.recipe`)."""
+    questions about it and opened conversations; a model trained that way answered "yes" to every yes/no question
+    asked alone (measured: `etc_ext.demo.recipe`)."""
     turn_counts = {} if turn_counts is None else turn_counts
     order = list(questions)
     rng.shuffle(order)

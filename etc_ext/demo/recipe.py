@@ -153,7 +153,7 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      another question; in step 9 none did), twice the images, 1.6 times the steps; which of them costs 13 points is
      not measured (next: step 9's "cells" data with a share of balanced disjoint conversations added).
      On 400 validation questions `full-base` 61.8 %; ETC M=1 VID from it (1600 steps on `MORE_BLOCKS`' 42,870
-     disjoint samples, else `ETC_TRAINING`; 24 min on two threads) 51.5 % (83 % of its base; color 72.0, count 39.1,
+     disjoint samples, else `ETC_TRAINING`; 25 min on two threads) 51.5 % (83 % of its base; color 72.0, count 39.1,
      yes/no 54.6, where 39.0 %). On the fixed val conversations (200 images), single / follow-up (the same follow-ups
      alone): `full-base` 58.0 / 53.0 (50.5) %, ETC M=1 VID 47.2 / 40.5 (39.0) %; training-free K=1: FastV-style
      top-K 36.5 / 19.0 (29.5) %, VisionZip-style merge 28.7 / 9.0 (26.0) %, mean pooling 28.7 / 31.5 (34.5) %. On

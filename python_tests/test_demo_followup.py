@@ -243,6 +243,33 @@ def test_disjoint_training_conversations_balance_answers_at_every_turn(tmp_path)
         assert max(counts) - min(counts) <= 3, (turn, counts)
 
 
+def test_mixed_grouping_keeps_the_cells_single_questions_and_adds_conversations_of_every_type(tmp_path):
+    from etc_ext.demo.data import generate_training_data
+
+    def groupings(share):
+        path = generate_training_data(tmp_path / str(share), ((200, 1, 4),), name="mix",
+                                      question_types=recipe.QUESTION_TYPES, grouping="mixed",
+                                      disjoint_share=share)  # fmt: skip
+        with open(path) as f:
+            samples = json.load(f)
+        by_image = defaultdict(list)
+        for s in samples:
+            by_image[s["image"]].append(s["question_types"])
+        # an image grouped as "cells" has all its color questions in one sample and every other question alone
+        as_cells = sum(all(len(t) == 1 or set(t) == {"color"} for t in turns)
+                       and sum("color" in t for t in turns) <= 1 for turns in by_image.values())  # fmt: skip
+        mixed_turns = sum(len(t) > 1 and t[0] != "color" for s_turns in by_image.values() for t in s_turns)
+        return as_cells / len(by_image), mixed_turns
+
+    all_cells, no_conversations = groupings(0.0)
+    assert all_cells == 1.0 and no_conversations == 0
+    some_cells, conversations = groupings(0.5)
+    # about half the images drawn "cells" (200 draws: +-7 points), and a few disjoint ones that happen to look alike
+    assert 0.4 <= some_cells <= 0.7 and conversations >= 20
+    with pytest.raises(ValueError, match="disjoint_share"):
+        generate_training_data(tmp_path, ((2, 1, 1),), grouping="mixed", disjoint_share=1.5)
+
+
 # ------------------------------------------------------------------------------------------------ vision pretraining
 def test_patch_targets_follow_the_cells():
     from etc_ext.demo.vision_pretrain import COLOR_CLASSES, SHAPE_CLASSES, patch_targets

@@ -123,6 +123,7 @@ def generate_training_data(
     answer_prompt: str | None = None,
     articles: bool = True,
     grouping: str = "cells",
+    disjoint_share: float = 0.5,
 ) -> str:
     """Writes training samples to `<out_dir>/<name>.json` (images under `<out_dir>/images/<name>/`): per image, its
     questions (`scene_questions`) split into conversations by `leak_free_groups`.
@@ -138,15 +139,20 @@ def generate_training_data(
         grouping: how an image's questions become conversations: "cells" (`leak_free_groups`: the cell questions
             share one, every other question is alone; what the first checkpoints were trained on) or "disjoint"
             (`disjoint_groups`: conversations of any types whose questions share no color or cell, as the demo's
-            follow-up test asks them, each type's answers balanced at every turn).
+            follow-up test asks them, each type's answers balanced at every turn), or "mixed": each image's
+            questions grouped "disjoint" with probability `disjoint_share`, else "cells" (the single questions of
+            "cells", and conversations of every type for the follow-up test).
+        disjoint_share: see "mixed" (ignored by the other groupings).
 
     Returns:
         The json path.
     """
     if not blocks:
         raise ValueError("blocks must not be empty")
-    if grouping not in ("cells", "disjoint"):
-        raise ValueError(f"grouping must be 'cells' or 'disjoint', got {grouping!r}")
+    if grouping not in ("cells", "disjoint", "mixed"):
+        raise ValueError(f"grouping must be 'cells', 'disjoint' or 'mixed', got {grouping!r}")
+    if not 0.0 <= disjoint_share <= 1.0:
+        raise ValueError(f"disjoint_share must be in [0, 1], got {disjoint_share}")
     for num_images, low, high in blocks:
         if num_images < 1 or low < 1 or high < low:
             raise ValueError(f"a block is (num_images >= 1, 1 <= min_objects <= max_objects), got {blocks}")
@@ -170,7 +176,9 @@ def generate_training_data(
                 continue
             image_path = f"images/{name}/{image_count:06d}.png"
             draw_scene(scene).save(os.path.join(out_dir, image_path))
-            if grouping == "cells":
+            # (only "mixed" draws here, so that the other groupings' streams stay those of their shipped data)
+            disjoint = grouping == "disjoint" or (grouping == "mixed" and rng.random() < disjoint_share)
+            if not disjoint:
                 groups = leak_free_groups(questions)
             else:
                 groups = disjoint_groups(rng, scene, questions, turn_counts)

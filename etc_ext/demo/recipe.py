@@ -194,8 +194,10 @@ TEST_QUESTIONS_PER_IMAGE = 2
 ARTICLES = False
 # How a training image's questions become conversations (`etc_ext.demo.data.generate_training_data`): "cells" (the
 # shipped checkpoints: only color questions ever follow another question) or "disjoint" (conversations of any types
-# whose questions share no color or cell, as the demo's follow-up test asks them).
+# whose questions share no color or cell, as the demo's follow-up test asks them), or "mixed" (each image's questions
+# grouped "disjoint" with probability DISJOINT_SHARE, else "cells").
 GROUPING = "cells"
+DISJOINT_SHARE = 0.5
 # Supervised pretraining of the vision tower on per-cell color and shape maps before the VLM stage
 # (`etc_ext.demo.vision_pretrain.pretrain_vision_tower` arguments, e.g. `{"steps": 4000, "cell_targets": True}`), or
 # None (the shipped checkpoints: the tower trains from random weights inside the VLM).
@@ -371,6 +373,7 @@ def training_data_kwargs(name: str) -> dict:
         "answer_prompt": ANSWER_PROMPT,
         "articles": ARTICLES,
         "grouping": GROUPING,
+        "disjoint_share": DISJOINT_SHARE,
     }
 
 

@@ -172,7 +172,7 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      step 9's 74.5 % (yes/no 81.5 %); on 400 of its training questions 62.5 % (color 100, count 57.3, yes/no 54.1,
      where 69.2 %). Val conv single / follow-up (alone): 50.5 / 32.5 (50.0) %. So the disjoint share is not what
      costs steps 12 and 13 their points (55.7 vs 59.3 %, within noise): step 9 does not reproduce. Of the five bases
-     trained on 1-4 object scenes (steps 9, 11-14), one learned yes/no (81.5 %) and four stayed at 50-56 %, on
+     trained on 1-4 object scenes (steps 9, 11-14), one learned yes/no (81.5 %) and four stayed at 50-57 %, on
      training scenes too; whether that is a run's luck (thread counts, a machine's arithmetic: steps 7-9 ran on an
      AVX-512 machine, steps 11-14 on an AVX2 one, each with its own tower) or something that changed between the
      runs is not measured. The 1-2 object bases (steps 2-8) were 70-75 % every time.

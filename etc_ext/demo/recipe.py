@@ -183,6 +183,14 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      do not teach it. The conversations did teach the follow-ups: val conv single / follow-up (alone) 55.7 / 55.0
      (57.5) % against step 14's 50.5 / 32.5 (50.0) %, so a 30 % share of disjoint images is enough for the follow-up
      column, in a second stage at least.
+  16. Is it the 1-4 object scenes? Step 14 with the curriculum's second block on 1-2 objects instead
+     (`CURRICULUM_BLOCKS = ((600, 1, 1), (10400, 1, 2))`, "cells", 42,466 samples; step 13's tower, 2600 steps, 27 min,
+     the same AVX2 machine; /work/demo_runs/exp15): 60.0 % on the 400 validation questions (color 72.0, count 63.5,
+     yes/no 56.5, where 44.2 %), 67.7 % on 400 of its training questions (color 100, yes/no 43.1 %). Steps 2-8, on
+     1-2 object scenes too, got 70-75 % with yes/no at 65-89 %. So on this machine, with towers pretrained here, no
+     base of steps 11-16 learned yes/no, whatever the scenes; the next thing to find is why (a seed or thread count,
+     the machine's arithmetic, or a change in the code or its dependencies since step 9), e.g. by training step 9 on
+     an AVX-512 machine again, or this machine with step 9's exact tower.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def load_questions(data_path: str, max_images: int) -> tuple[list[str], torch.Te
 
 @torch.no_grad()
 def tower_features(model_dir: str, image_root: str, paths: list[str]) -> torch.Tensor:
-    """`(images, patches, vision hidden size)`: what LLaVA reads (the second to last layer, without CLS)."""
+    """`(images, patches, vision hidden size)`: what LLaVA reads (`vision_feature_layer`, without CLS)."""
+    from etc_ext.demo.vision_pretrain import patch_features
     from etc_ext.models.loading import load_for_inference
 
     model, processor, _ = load_for_inference(model_dir)
@@ -58,7 +59,7 @@ def tower_features(model_dir: str, image_root: str, paths: list[str]) -> torch.T
     for start in range(0, len(paths), 100):
         images = [Image.open(os.path.join(image_root, p)).convert("RGB") for p in paths[start : start + 100]]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        features.append(model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        features.append(patch_features(model.model.vision_tower, pixels, model.config.vision_feature_layer))
     return torch.cat(features)
 
 
@@ -106,7 +107,9 @@ class EncoderProbe(nn.Module):
     def __init__(self, vision_size: int, args, patches: int, hidden: int = 128):
         super().__init__()
         self.visual = nn.Sequential(nn.Linear(vision_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.color = nn.Embedding(6, hidden)
+        from etc_ext.data.shapes import COLORS
+
+        self.color = nn.Embedding(len(COLORS), hidden)
         self.suffix = nn.Parameter(torch.randn(args.suffix, hidden))
         length = patches + 1 + args.suffix
         self.positions = nn.Parameter(torch.zeros(length, hidden))

@@ -210,13 +210,13 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      step 450); with three tokens after the color and a causal mask 86-90 % at step 300 (2 and 8 layers; at 600 84 and
      98 %), in scratch versions of the probe with batches of 32. The script itself, batches of 32, 600 steps
      (`--batch-size 32`): encoder 76 / 86 / 84 % at steps 200 / 400 / 600, Llama 50 / 50 / 48 % (with its default
-     batch of 16 the encoder was at 60 % after 300 steps). The
-     demo's Llama language model (8 layers, width 128, `INITIALIZER_RANGE`, the prompt's tokens around the color, three
-     after it) stays at 50 % after 600 steps, and so with initializer range 0.02, 2 layers, lr 5e-4, 4 KV heads,
-     embeddings of std 1, or RoPE theta 1e12 (no position signal); it starts (68-73 % at step 600) with RoPE theta 1e7,
-     or with the color as the last token. So what fails is how this Llama model learns a content lookup, not the tower
-     or the data; which part of it (RMSNorm, SwiGLU, the initialisation of the projector or the output layers) is not
-     found yet, nor why steps 2-9 on other machines learned it and steps 11-16 here did not.
+     batch of 16 the encoder was at 60 % after 300 steps). The demo's Llama language model (8 layers, width 128,
+     `INITIALIZER_RANGE`, the prompt's tokens around the color, three after it) stays at 50 % after 600 steps, and so
+     with initializer range 0.02, 2 layers, lr 5e-4, 4 KV heads, embeddings of std 1, or RoPE theta 1e12 (no position
+     signal); it starts (68-73 % at step 600) with RoPE theta 1e7, or with the color as the last token. So what fails is
+     how this Llama model learns a content lookup, not the tower or the data; which part of it (RMSNorm, SwiGLU, the
+     initialisation of the projector or the output layers) is not found yet, nor why steps 2-9 on other machines learned
+     it and steps 11-16 here did not.
   19. Step 14 with RoPE theta 1e7 (the same initial weights, tower and data; 36 min, /work/demo_runs/exp20): 60.5 % on
      the 400 validation questions (color 71.0, count 53.0, yes/no 63.9, where 53.2 %), within noise of step 14's
      59.3 %: the theta alone does not fix it. Next: the probe until the Llama model learns the lookup as the encoder

@@ -14,7 +14,10 @@ a small model on "visual tokens, color word, suffix tokens -> yes / no" outside 
 python scripts/demo_lookup_probe.py --model WORK/init-vision --data WORK/data/focus.json --arch llama --steps 600
 ```
 
-prints the loss and the held-out accuracy (the last 15 % of the questions) every 200 steps.
+prints the loss and the held-out accuracy (the last 15 % of the questions) every 200 steps. The other switches swap
+one part at a time between the two (`--help`; `--norm`, `--positions`, `--hidden-act`, the `--*-init` ones for the
+Llama model, `--init`, `--final-norm`, `--prefix` for the encoder) or change what both read (`--patch-grid`,
+`--pooled-features`); what each measured is in `etc_ext.demo.recipe`, items 18 and 20.
 """
 
 from __future__ import annotations
@@ -79,18 +82,33 @@ class LlamaProbe(nn.Module):
             num_hidden_layers=args.layers or sizes.text_layers, num_attention_heads=sizes.text_heads,
             num_key_value_heads=sizes.text_kv_heads, initializer_range=init, vocab_size=32,
             max_position_embeddings=sizes.max_position_embeddings,
-            rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
+            rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"}, hidden_act=args.hidden_act,
         )  # fmt: skip
         config._attn_implementation = "sdpa"
         self.llm = LlamaModel(config)
+        if args.norm == "layer":  # a diagnostic swap: the recipe's Llama cannot change its norm by config
+            swap_rms_norms(self.llm, config.hidden_size)
+        if args.llm_init == "torch":  # nn.Linear's own (uniform, std 1 / sqrt(3 fan_in)) and nn.Embedding's (std 1)
+            for module in self.llm.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.reset_parameters()
+        if args.embed_std is not None:
+            nn.init.normal_(self.llm.embed_tokens.weight, std=args.embed_std)
+        if args.residual_init != "recipe":  # the layers' writes to the residual stream: o_proj and down_proj
+            std = 0.0 if args.residual_init == "zero" else init / (2 * config.num_hidden_layers) ** 0.5
+            for layer in self.llm.layers:
+                nn.init.normal_(layer.self_attn.o_proj.weight, std=std)
+                nn.init.normal_(layer.mlp.down_proj.weight, std=std)
         hidden = sizes.text_hidden_size
         self.projector = nn.Sequential(nn.Linear(vision_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.head = nn.Linear(hidden, 2)
-        for layer in (*self.projector, self.head):
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=init)
-                nn.init.zeros_(layer.bias)
+        if args.projector_init == "recipe":  # as LLaVA's `_init_weights` does; "torch" keeps nn.Linear's own
+            for layer in (*self.projector, self.head):
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=init)
+                    nn.init.zeros_(layer.bias)
         self.suffix = args.suffix
+        self.positions = args.positions
 
     def forward(self, features: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         embed, batch = self.llm.embed_tokens, len(colors)
@@ -98,7 +116,18 @@ class LlamaProbe(nn.Module):
         question = embed(torch.stack([torch.full((batch,), 10), 20 + colors], 1))  # "Is there" <color>
         suffix = embed(torch.arange(11, 11 + self.suffix).expand(batch, -1))  # shape ? ASSISTANT :
         hidden = torch.cat([prefix, self.projector(features), question, suffix], 1)
-        return self.head(self.llm(inputs_embeds=hidden).last_hidden_state[:, -1])
+        position_ids = None
+        if self.positions == "none":  # every token at position 0: RoPE rotates nothing, the causal mask remains
+            position_ids = torch.zeros(batch, hidden.shape[1], dtype=torch.long)
+        return self.head(self.llm(inputs_embeds=hidden, position_ids=position_ids).last_hidden_state[:, -1])
+
+
+def swap_rms_norms(module: nn.Module, hidden: int) -> None:
+    for name, child in module.named_children():
+        if type(child).__name__.endswith("RMSNorm"):
+            setattr(module, name, nn.LayerNorm(hidden))
+        else:
+            swap_rms_norms(child, hidden)
 
 
 class EncoderProbe(nn.Module):
@@ -110,19 +139,29 @@ class EncoderProbe(nn.Module):
         from etc_ext.data.shapes import COLORS
 
         self.color = nn.Embedding(len(COLORS), hidden)
+        self.prefix = nn.Parameter(torch.randn(args.prefix, hidden))
         self.suffix = nn.Parameter(torch.randn(args.suffix, hidden))
-        length = patches + 1 + args.suffix
+        length = args.prefix + patches + 1 + args.suffix
         self.positions = nn.Parameter(torch.zeros(length, hidden))
         layer = nn.TransformerEncoderLayer(hidden, 4, 4 * hidden, 0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, args.layers or 2, enable_nested_tensor=False)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
+        self.final_norm = nn.LayerNorm(hidden) if args.final_norm else nn.Identity()
         self.head = nn.Linear(hidden, 2)
+        if args.init is not None:  # Llama's way: every weight normal(0, init), biases zero, norms one
+            for name, parameter in self.named_parameters():
+                if "norm" in name:
+                    continue
+                if name.endswith("bias"):
+                    nn.init.zeros_(parameter)
+                elif name != "positions":
+                    nn.init.normal_(parameter, std=args.init)
 
     def forward(self, features: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
         batch = len(colors)
-        tokens = [self.visual(features), self.color(colors)[:, None], self.suffix.expand(batch, -1, -1)]
-        hidden = torch.cat(tokens, 1) + self.positions
-        return self.head(self.encoder(hidden, mask=self.mask, is_causal=True)[:, -1])
+        tokens = [self.prefix.expand(batch, -1, -1), self.visual(features), self.color(colors)[:, None]]
+        hidden = torch.cat([*tokens, self.suffix.expand(batch, -1, -1)], 1) + self.positions
+        return self.head(self.final_norm(self.encoder(hidden, mask=self.mask, is_causal=True))[:, -1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,10 +173,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
     parser.add_argument("--suffix", type=int, default=3, help="tokens between the color word and the answer")
     parser.add_argument("--layers", type=int, help="default: the recipe's (llama) or 2 (encoder)")
     parser.add_argument("--rope-theta", type=float, default=10000.0, help="llama only")
-    parser.add_argument("--init", type=float, help="llama only; default: recipe.INITIALIZER_RANGE")
+    parser.add_argument("--init", type=float, help="default: recipe.INITIALIZER_RANGE (llama), torch's (encoder)")
+    parser.add_argument("--prefix", type=int, default=0, help="encoder only: learned tokens before the image")
+    parser.add_argument("--final-norm", action="store_true", help="encoder only: a LayerNorm before the head")
+    parser.add_argument("--hidden-act", default="silu", help="llama only: the gated MLP's activation")
+    parser.add_argument("--norm", choices=("rms", "layer"), default="rms", help="llama only: layer swaps in LayerNorm")
+    parser.add_argument("--positions", choices=("rope", "none"), default="rope", help="llama only")
+    parser.add_argument("--embed-std", type=float, help="llama only: token embeddings' std (default: --init)")
+    parser.add_argument("--llm-init", choices=("recipe", "torch"), default="recipe",
+                        help="llama only: the language model's linear layers and embeddings as torch initialises them")
+    parser.add_argument("--residual-init", choices=("recipe", "scaled", "zero"), default="recipe",
+                        help="llama only: o_proj and down_proj at init / sqrt(2 * layers) (GPT-2's) or zero")
+    parser.add_argument("--projector-init", choices=("recipe", "torch"), default="recipe", help="llama only")
+    parser.add_argument("--patch-grid", type=int, help="average the patches into a grid of this side (e.g. 3: 9 tokens)")
+    parser.add_argument("--pooled-features", action="store_true",
+                        help="append the max over the image's patches to every patch feature")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -146,6 +200,12 @@ def main(argv: list[str] | None = None) -> None:
 
     paths, rows = load_questions(args.data, args.images)
     features = tower_features(args.model, os.path.dirname(os.path.abspath(args.data)), paths)
+    if args.patch_grid:  # fewer visual tokens: average the patch features over a coarser grid
+        side = int(features.shape[1] ** 0.5)
+        grid = features.unflatten(1, (side, side)).permute(0, 3, 1, 2)
+        features = nn.functional.adaptive_avg_pool2d(grid, args.patch_grid).flatten(2).transpose(1, 2)
+    if args.pooled_features:  # what a tower with image-level targets would put in every patch: the whole image
+        features = torch.cat([features, features.amax(1, keepdim=True).expand_as(features)], -1)
     split = int(len(rows) * 0.85)
     train_rows, test_rows = rows[:split], rows[split:]
     print(f"{len(paths)} images, {len(train_rows)} training and {len(test_rows)} held-out questions "
@@ -157,12 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         probe = EncoderProbe(features.shape[-1], args, features.shape[1])
     optimizer = torch.optim.AdamW(probe.parameters(), args.lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
     for step in range(1, args.steps + 1):
         batch = train_rows[torch.randint(len(train_rows), (args.batch_size,))]
         loss = nn.functional.cross_entropy(probe(features[batch[:, 0]], batch[:, 1]), batch[:, 2])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        warmup.step()
         if step % 200 == 0 or step == args.steps:
             with torch.no_grad():
                 predictions = probe(features[test_rows[:, 0]], test_rows[:, 1]).argmax(-1)

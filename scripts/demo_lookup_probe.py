@@ -123,6 +123,7 @@ class LlamaProbe(nn.Module):
 
 
 def swap_rms_norms(module: nn.Module, hidden: int) -> None:
+    """Replaces every `*RMSNorm` under `module` with a fresh `nn.LayerNorm(hidden)`, in place."""
     for name, child in module.named_children():
         if type(child).__name__.endswith("RMSNorm"):
             setattr(module, name, nn.LayerNorm(hidden))

@@ -242,6 +242,23 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      steps keep it from forming is our reading, not measured. On the 144 patch tokens too: at lr 5e-4 (`--lr 5e-4
      --steps 1600`, stopped after 1000) 50 / 50 / 74 %, 96 % at step 800, 99.8 % at 1000, where the recipe's 2e-3 stays
      at 50 / 50 / 48 (item 18). The recipe's `FULL_TRAINING` learning rate is 2e-3.
+  21. Step 14 with `FULL_TRAINING`'s learning rate at 5e-4 instead of 2e-3, nothing else changed (the same initial
+     weights, tower, data and 2600 steps; 34 min on two threads of the same AVX2 machine; /work/demo_runs/exp21):
+     `full-base` 79.5 % on the 400 validation questions (color 74.0, count 83.5, yes/no 76.9, where 84.4 %) against step
+     14's 59.3 % and step 19's 60.5 %, the best base so far (step 9: 74.5 %); where on two-object scenes 54 / 66 (step
+     14: 43 / 66). Its training loss, averaged over steps 1601-1800, is 0.248 against 0.378 and 0.374 for steps 14 and
+     19 (0.357 and 0.356 over their last 200 steps). Val conv single / follow-up (alone): 69.5 / 52.0 (75.0) %. Then
+     step 15's second stage at 5e-4 too (`MORE_TRAINING`'s learning rate 1e-3 -> 5e-4; 1300 shuffled steps over 12,000
+     fresh 1-4 object images grouped "mixed" with `DISJOINT_SHARE = 0.3`, 46,756 samples; 24 min, slowed by the test
+     suite running beside it): `full-base-2` 82.8 % on the 400 validation questions (color 67.0, count 86.1, yes/no
+     89.8, where 88.3 %), 88.0 % on the recipe's 200; val conv single / follow-up (alone) 79.2 / 76.0 (79.0) %. Every
+     type but color is now near 90 %; color stays the weakest (74.0 and 67.0 %, against 70-93 % in steps 11-19; on
+     two-object scenes 66 / 92 for `full-base`), the next thing to look at. ETC M=1 VID from `full-base-2` (800 steps on
+     the same second-stage data, `ETC_TRAINING` otherwise; 15 min): 71.8 % on the 400 validation questions, 86.7 % of
+     its base (color 68.0, count 85.2, yes/no 82.4, where 41.6 %); val conv single / follow-up (alone) 62.0 / 62.5
+     (64.0) %. Training-free K=1 compressors on the same base: FastV-style top-K 24.5 %, mean pooling 29.0 %,
+     VisionZip-style merge 9.5 % (follow-ups 17.5 / 24.5 / 17.0 %). What M=1 loses is where (41.6 against 88.3 %); item
+     10 found ETC needs 2400 steps or more. Next: these learning rates in the recipe, then the whole shipped set again.
 """
 
 from __future__ import annotations

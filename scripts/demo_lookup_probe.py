@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--residual-init", choices=("recipe", "scaled", "zero"), default="recipe",
                         help="llama only: o_proj and down_proj at init / sqrt(2 * layers) (GPT-2's) or zero")
     parser.add_argument("--projector-init", choices=("recipe", "torch"), default="recipe", help="llama only")
-    parser.add_argument("--patch-grid", type=int, help="average the patches into a grid of this side (e.g. 3: 9 tokens)")
+    parser.add_argument("--patch-grid", type=int, help="average the patches into a grid of this side (3: 9 tokens)")
     parser.add_argument("--pooled-features", action="store_true",
                         help="append the max over the image's patches to every patch feature")
     parser.add_argument("--seed", type=int, default=0)

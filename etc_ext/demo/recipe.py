@@ -253,12 +253,14 @@ One place for every number, read by `etc_ext.demo.reproduce` (which trains the c
      suite running beside it): `full-base-2` 82.8 % on the 400 validation questions (color 67.0, count 86.1, yes/no
      89.8, where 88.3 %), 88.0 % on the recipe's 200; val conv single / follow-up (alone) 79.2 / 76.0 (79.0) %. Every
      type but color is now near 90 %; color stays the weakest (74.0 and 67.0 %, against 70-93 % in steps 11-19; on
-     two-object scenes 66 / 92 for `full-base`), the next thing to look at. ETC M=1 VID from `full-base-2` (800 steps on
-     the same second-stage data, `ETC_TRAINING` otherwise; 15 min): 71.8 % on the 400 validation questions, 86.7 % of
-     its base (color 68.0, count 85.2, yes/no 82.4, where 41.6 %); val conv single / follow-up (alone) 62.0 / 62.5
-     (64.0) %. Training-free K=1 compressors on the same base: FastV-style top-K 24.5 %, mean pooling 29.0 %,
-     VisionZip-style merge 9.5 % (follow-ups 17.5 / 24.5 / 17.0 %). What M=1 loses is where (41.6 against 88.3 %); item
-     10 found ETC needs 2400 steps or more. Next: these learning rates in the recipe, then the whole shipped set again.
+     two-object scenes 66 / 92 for `full-base`, 59 / 92 for `full-base-2`), and every one of `full-base-2`'s 33 wrong
+     color answers names the other object's color: it reads the image's colors but does not yet find the named cell, the
+     next thing to look at. ETC M=1 VID from `full-base-2` (800 steps on the same second-stage data, `ETC_TRAINING`
+     otherwise; 15 min): 71.8 % on the 400 validation questions, 86.7 % of its base (color 68.0, count 85.2, yes/no
+     82.4, where 41.6 %); val conv single / follow-up (alone) 62.0 / 62.5 (64.0) %. Training-free K=1 compressors on the
+     same base: FastV-style top-K 24.5 %, mean pooling 29.0 %, VisionZip-style merge 9.5 % (follow-ups
+     17.5 / 24.5 / 17.0 %). What M=1 loses is where (41.6 against 88.3 %); item 10 found ETC needs 2400 steps or more.
+     Next: these learning rates in the recipe, then the whole shipped set again.
 """
 
 from __future__ import annotations
